@@ -1,0 +1,36 @@
+"""Starting the pipeline from Python (`tracesft run`, `tracesft demo`, the tests) and reading
+back what a run did, for the summary a person sees at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from zenml.utils import source_utils
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_pipeline(config_path: Path) -> Any:
+    """Run `sft_pipeline` with a run configuration file; returns ZenML's pipeline run."""
+    from pipelines.sft_pipeline import sft_pipeline
+
+    # Steps are resolved by module path relative to the source root; pin it to the repo so that
+    # a console script (whose main module lives in the venv) resolves them the same way.
+    source_utils.set_custom_source_root(str(REPO_ROOT))
+    return sft_pipeline.with_options(config_path=str(config_path))()
+
+
+def run_summary(run: Any) -> dict[str, Any]:
+    """Step statuses, the registered version and the promotion decision of a finished run."""
+    from zenml.client import Client
+
+    run = Client().get_pipeline_run(run.id)
+    steps = {name: str(step.status.value) for name, step in run.steps.items()}
+    summary: dict[str, Any] = {"run": run.name, "status": str(run.status.value), "steps": steps}
+    register, promote = run.steps.get("register_adapter"), run.steps.get("promote_adapter")
+    if register is not None and promote is not None:
+        summary["registered"] = register.outputs["registered_version"][0].load().model_dump()
+        summary["promotion"] = promote.outputs["promotion_decision"][0].load().model_dump()
+        summary["new_version"] = steps["register_adapter"] != "cached"
+    return summary

@@ -1,0 +1,55 @@
+"""The tracesft pipeline: verified GPT traces in, a promoted LoRA adapter out (DESIGN.md §2).
+
+Its parameters are the fields of `tracesft.config.RunConfig`, so a run configuration's
+`parameters:` section configures it whether it is started by `zenml pipeline run` or by
+`tracesft run`. Content hashes of the trace files and the eval set are computed here, on the
+client, and passed to the steps that read those files: that is what ties ZenML's cache to the
+data's bytes rather than to file names.
+"""
+
+from typing import Optional
+
+from zenml import pipeline
+
+import materializers  # noqa: F401  (registers the LoraAdapter materializer)
+from steps import (
+    build_sft_dataset,
+    evaluate_model,
+    ingest_traces,
+    load_eval_problems,
+    promote_adapter,
+    register_adapter,
+    train_adapter,
+    validate_traces,
+    verify_traces,
+)
+from tracesft.config import PRODUCTION_BASE_MODEL, DatasetSettings, EvalSettings, RegistrySettings, TrainingRecipe
+from tracesft.ingest import content_hash
+from tracesft.eval_set import eval_set_hash
+
+
+@pipeline(enable_cache=True)
+def sft_pipeline(
+    traces: list[str],
+    eval_set: str,
+    field_map: Optional[dict[str, str]] = None,
+    base_model: str = PRODUCTION_BASE_MODEL,
+    base_model_revision: Optional[str] = None,
+    dataset: DatasetSettings = DatasetSettings(),
+    training: TrainingRecipe = TrainingRecipe(),
+    evaluation: EvalSettings = EvalSettings(),
+    registry: RegistrySettings = RegistrySettings(),
+) -> None:
+    eval_hash = eval_set_hash(eval_set)
+    raw = ingest_traces(traces, field_map or {}, content_hash(traces))
+    verified, _rejected = verify_traces(raw)
+    quality, _view = validate_traces(verified, base_model, base_model_revision, training.max_seq_length, eval_set)
+    sft_dataset, _summary = build_sft_dataset(verified, quality, dataset)
+    adapter = train_adapter(sft_dataset, base_model, base_model_revision, training, registry)
+    problems = load_eval_problems(eval_set, eval_hash, sft_dataset)
+    base_report = evaluate_model(problems, base_model, base_model_revision, evaluation, training, id="evaluate_base")
+    tuned_report = evaluate_model(
+        problems, base_model, base_model_revision, evaluation, training, adapter, id="evaluate_finetuned"
+    )
+    version = register_adapter(adapter, base_report, tuned_report, eval_hash, registry)
+    promote_adapter(version, base_report, tuned_report, registry)

@@ -1,0 +1,8 @@
+"""What a step knows about the ZenML run it belongs to, as MLflow tags."""
+
+from zenml import get_step_context
+
+
+def zenml_run_tags() -> dict[str, str]:
+    run = get_step_context().pipeline_run
+    return {"zenml_run_id": str(run.id), "zenml_run_name": run.name, "zenml_pipeline": run.pipeline.name}

@@ -1,0 +1,39 @@
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import mlflow
+from zenml import log_metadata, step
+
+from tracesft.adapter import LoraAdapter, write_metadata
+from tracesft.config import RegistrySettings, TrainingRecipe
+from tracesft.sft_dataset import SFTDataset
+from tracesft.tracking import mlflow_logging_callback, use_tracking
+from tracesft.training import train_lora
+
+from steps.run_context import zenml_run_tags
+
+
+@step
+def train_adapter(
+    dataset: SFTDataset,
+    base_model: str,
+    base_model_revision: str | None,
+    recipe: TrainingRecipe,
+    registry: RegistrySettings,
+) -> Annotated[LoraAdapter, "lora_adapter"]:
+    """QLoRA fine-tuning, tracked as an MLflow run that registration later adds scores to."""
+    experiment_id = use_tracking(registry)
+    tags = zenml_run_tags()
+    with mlflow.start_run(run_name=tags["zenml_run_name"], experiment_id=experiment_id, tags=tags) as run:
+        mlflow.log_params({f"recipe.{k}": v for k, v in recipe.model_dump().items()} | {"base_model": base_model})
+        output_dir = Path(tempfile.mkdtemp(prefix="tracesft-train-"))
+        adapter, summary = train_lora(
+            dataset, base_model, recipe, output_dir, base_model_revision, callbacks=[mlflow_logging_callback()]
+        )
+        mlflow.log_metrics({"final_train_loss": summary.train_loss} | (
+            {"final_eval_loss": summary.eval_loss} if summary.eval_loss is not None else {}
+        ))
+    adapter = write_metadata(adapter.path, adapter.metadata | {"mlflow_run_id": run.info.run_id})
+    log_metadata({"train_loss": summary.train_loss, "steps": summary.global_steps, "mlflow_run_id": run.info.run_id})
+    return adapter

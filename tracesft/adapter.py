@@ -1,0 +1,35 @@
+"""The trained adapter as a directory of files, plus what is known about how it was made.
+
+The directory holds what `PeftModel.from_pretrained` needs (adapter weights in safetensors and
+the adapter config), the tokenizer files (so the chat template travels with the weights) and
+`tracesft_adapter.json` with lineage. ZenML stores it through `materializers/`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+METADATA_FILE = "tracesft_adapter.json"
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    path: Path
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return json.loads((self.path / METADATA_FILE).read_text())
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.path.rglob("*") if p.is_file())
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files())
+
+
+def write_metadata(path: Path, metadata: dict[str, Any]) -> LoraAdapter:
+    (path / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    return LoraAdapter(path)

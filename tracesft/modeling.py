@@ -1,0 +1,70 @@
+"""Loading the base model and its tokenizer, the same way for training and evaluation.
+
+`base_model` is a hub id or a local directory; both go through `from_pretrained`, so the demo's
+locally built tiny model exercises the production loading code. Whenever CUDA is present and the
+recipe asks for it, the base is loaded in 4-bit NF4 through bitsandbytes (QLoRA); on a CPU the
+same code path loads it unquantised, since bitsandbytes' 4-bit kernels need a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tracesft.config import TrainingRecipe
+from tracesft.errors import TracesftError
+
+
+def uses_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def quantization_config(recipe: TrainingRecipe) -> Any | None:
+    if not (recipe.use_4bit and uses_cuda()):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=recipe.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=recipe.use_double_quant,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def load_tokenizer(base_model: str, revision: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model, revision=revision, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise _load_error(base_model, err) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(base_model: str, recipe: TrainingRecipe, revision: str | None = None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    quantization = quantization_config(recipe)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            base_model,
+            revision=revision,
+            trust_remote_code=False,
+            quantization_config=quantization,
+            dtype=torch.bfloat16 if uses_cuda() else torch.float32,
+            device_map={"": 0} if uses_cuda() else None,
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error(base_model, err) from None
+
+
+def _load_error(base_model: str, err: Exception) -> TracesftError:
+    return TracesftError(
+        f"Could not load base model {base_model!r}: {err}. Give a local model directory, or a hub id on a "
+        "machine that can reach the hub (set HF_TOKEN for gated models); for the embedded demo run "
+        "`tracesft tiny-model .tracesft/tiny-model`."
+    )
