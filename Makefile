@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export ZENML_ANALYTICS_OPT_IN ?= false
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean gpu-check
 
 setup: $(STAMP)
 
@@ -25,3 +25,7 @@ test: setup
 
 clean:
 	rm -rf .tracesft
+
+# On a CUDA machine: the real 4-bit path (NF4 + LoRA + paged 8-bit AdamW) on the tiny model.
+gpu-check: setup
+	$(BIN)/pytest tests/gpu -m gpu -q -s

@@ -1,0 +1,14 @@
+"""Test isolation: no test touches the user's own ZenML store or MLflow registry.
+
+ZenML reads its config path when first imported, so it is pointed at a throwaway directory here,
+before any test module imports it.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+_ZENML_HOME = Path(tempfile.mkdtemp(prefix="tracesft-tests-zenml-"))
+os.environ["ZENML_CONFIG_PATH"] = str(_ZENML_HOME)
+os.environ["ZENML_ANALYTICS_OPT_IN"] = "false"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
