@@ -105,6 +105,8 @@ def load_run_config(path: str | Path | None = None) -> RunConfig:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TracesftError(f"{path}: configuration file not found.") from None
+    except (IsADirectoryError, UnicodeDecodeError):
+        raise TracesftError(f"{path}: not a readable YAML file; give the path of a run configuration file.") from None
     except yaml.YAMLError as err:
         raise TracesftError(f"{path}: not valid YAML ({err}).") from None
     if not isinstance(document, dict) or not isinstance(document.get("parameters"), dict):

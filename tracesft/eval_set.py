@@ -46,6 +46,9 @@ def load_eval_set(path: str | Path) -> list[EvalProblem]:
 
 def _to_problem(row: dict[str, str], index: int, path: Path) -> EvalProblem:
     where = f"{path} (data row {index}, line {index + 2})"
+    missing = [column for column in EVAL_COLUMNS if row.get(column) is None]
+    if missing:
+        raise TracesftError(f"{where}: the row has no value for {missing}; every row needs {', '.join(EVAL_COLUMNS)}.")
     if not (row.get("input") or "").strip():
         raise TracesftError(f"{where}: column 'input' is empty.")
     if row.get("label") not in ("0", "1"):

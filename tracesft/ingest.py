@@ -83,7 +83,12 @@ def ingest(paths: list[str], field_map: dict[str, str] | None = None) -> TraceBa
 
 
 def _read_result_file(file: Path) -> tuple[list[tuple[str, Any]], dict]:
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise TracesftError(
+            f"{file}: not UTF-8 text (byte {err.start} cannot be decoded); re-save the file as UTF-8."
+        ) from None
     if file.suffix == ".jsonl":
         return list(_jsonl_records(file, text)), {}
     try:
@@ -109,7 +114,9 @@ def _read_result_file(file: Path) -> tuple[list[tuple[str, Any]], dict]:
 
 
 def _jsonl_records(file: Path, text: str) -> Iterator[tuple[str, Any]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on newlines only: str.splitlines() also breaks at U+2028 and friends, which JSON
+    # writers leave unescaped inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -16,6 +16,7 @@ from tracesft.config import RegistrySettings
 
 STATE_DIR = Path(".tracesft")
 _SQLITE = "sqlite:///"
+_MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
 def resolve_tracking_uri(settings: RegistrySettings) -> str:
@@ -36,8 +37,16 @@ def use_tracking(settings: RegistrySettings) -> str:
     import mlflow
 
     uri = resolve_tracking_uri(settings)
+    # MLflow exports the URIs it is given into the environment, where the next
+    # `resolve_tracking_uri` would mistake them for the user's override: put the user's back.
+    user_environment = {name: os.environ.get(name) for name in _MLFLOW_URI_VARIABLES}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for name, value in user_environment.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     experiment = mlflow.get_experiment_by_name(settings.experiment_name)
     if experiment is not None:
         return experiment.experiment_id

@@ -1,0 +1,365 @@
+"""Ingestion of GPT result files: every accepted shape, every alias, provenance, the cache key,
+and a clear `TracesftError` (file, record or line, field) for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tracesft.errors import TracesftError
+from tracesft.ingest import FIELD_ALIASES, content_hash, ingest
+
+QUERY = "Premise: A correlates with B.\nHypothesis: A directly causes B."
+TRACE = "A correlation alone does not fix the direction of the edge.\n\nAnswer: No"
+
+
+def record(**fields: Any) -> dict[str, Any]:
+    """A valid record in the most common harness shape; keyword arguments add or replace fields."""
+    base: dict[str, Any] = {"input": QUERY, "response": TRACE, "label": 0}
+    base.update(fields)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def write_json(path: Path, document: Any) -> Path:
+    path.write_text(json.dumps(document, indent=1), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def raises_naming(paths: list[str], *parts: str, field_map: dict[str, str] | None = None) -> str:
+    """Ingest, expect a TracesftError, and check that its message names every part."""
+    with pytest.raises(TracesftError) as excinfo:
+        ingest(paths, field_map)
+    message = str(excinfo.value)
+    for part in parts:
+        assert part in message, f"{part!r} not in error message {message!r}"
+    return message
+
+
+# --- accepted shapes -------------------------------------------------------------------------
+
+
+def test_json_list(tmp_path: Path) -> None:
+    file = write_json(tmp_path / "run.json", [record(), record(label=1, response="...\n\nAnswer: Yes")])
+    batch = ingest([str(file)])
+    assert [r.gold for r in batch.records] == [0, 1]
+    assert batch.records[0].query == QUERY
+    assert batch.records[0].trace == TRACE
+    assert batch.files == [str(file)]
+    assert batch.run_metadata == {}
+
+
+@pytest.mark.parametrize("key", ["predictions", "results"])
+def test_json_object_keeps_metadata(tmp_path: Path, key: str) -> None:
+    document = {"model": "gpt-4o", "temperature": 0.0, "split": "test", key: [record(), record()]}
+    file = write_json(tmp_path / "run.json", document)
+    batch = ingest([str(file)])
+    assert len(batch.records) == 2
+    assert batch.run_metadata == {str(file): {"model": "gpt-4o", "temperature": 0.0, "split": "test"}}
+
+
+def test_jsonl_skips_blank_lines(tmp_path: Path) -> None:
+    file = tmp_path / "run.jsonl"
+    file.write_text(json.dumps(record()) + "\n\n   \n" + json.dumps(record(label=1)) + "\n", encoding="utf-8")
+    batch = ingest([str(file)])
+    assert [r.gold for r in batch.records] == [0, 1]
+    assert [r.locator for r in batch.records] == ["line 1", "line 4"]
+    assert batch.run_metadata == {}
+
+
+def test_directory_of_mixed_files_is_sorted_and_filtered(tmp_path: Path) -> None:
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    write_jsonl(folder / "b_run.jsonl", [record(input="query b1"), record(input="query b2")])
+    write_json(folder / "a_run.json", {"model": "gpt-4o", "predictions": [record(input="query a1")]})
+    write_json(folder / "c_run.json", [record(input="query c1")])
+    (folder / "notes.txt").write_text("not a result file")
+    (folder / "summary.csv").write_text("input,label\nx,1\n")
+    (folder / "nested").mkdir()
+    write_json(folder / "nested" / "ignored.json", [record(input="nested")])
+
+    batch = ingest([str(folder)])
+
+    assert batch.files == [str(folder / n) for n in ("a_run.json", "b_run.jsonl", "c_run.json")]
+    assert [r.query for r in batch.records] == ["query a1", "query b1", "query b2", "query c1"]
+    assert list(batch.run_metadata) == [str(folder / "a_run.json")]
+
+
+def test_files_and_directories_can_be_mixed(tmp_path: Path) -> None:
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    write_json(folder / "x.json", [record(input="in folder")])
+    single = write_jsonl(tmp_path / "extra.jsonl", [record(input="single file")])
+    batch = ingest([str(single), str(folder)])
+    assert [r.query for r in batch.records] == ["single file", "in folder"]
+
+
+# --- field names -----------------------------------------------------------------------------
+
+
+def test_aliases_match_design() -> None:
+    assert FIELD_ALIASES == {
+        "query": ("input", "query", "prompt", "question"),
+        "trace": ("response", "reasoning", "generated_text", "output"),
+        "predicted": ("prediction", "predicted_answer", "answer"),
+        "gold": ("label", "ground_truth", "ground_truth_label", "gold"),
+        "flagged_correct": ("correct", "is_correct"),
+    }
+
+
+_DEFAULT_KEY = {"query": "input", "trace": "response", "gold": "label"}
+_ALIAS_CASES = [(field, alias) for field, aliases in FIELD_ALIASES.items() for alias in aliases]
+
+
+@pytest.mark.parametrize(("field", "alias"), _ALIAS_CASES, ids=[f"{f}-{a}" for f, a in _ALIAS_CASES])
+def test_every_alias_is_read(tmp_path: Path, field: str, alias: str) -> None:
+    value = {"query": "the query", "trace": "the trace\nAnswer: Yes", "gold": "yes", "predicted": "Yes", "flagged_correct": True}[field]
+    raw = record()
+    if field in _DEFAULT_KEY:
+        del raw[_DEFAULT_KEY[field]]
+    raw[alias] = value
+    batch = ingest([str(write_json(tmp_path / "run.json", [raw]))])
+    got = getattr(batch.records[0], field)
+    assert got == (1 if field == "gold" else value)
+
+
+def test_first_alias_wins_when_several_are_present(tmp_path: Path) -> None:
+    raw = record(query="second alias", prompt="third alias")
+    batch = ingest([str(write_json(tmp_path / "run.json", [raw]))])
+    assert batch.records[0].query == QUERY  # `input` comes first
+
+
+def test_null_alias_falls_through_to_the_next(tmp_path: Path) -> None:
+    raw = record(question="the real query")
+    raw["input"] = None
+    batch = ingest([str(write_json(tmp_path / "run.json", [raw]))])
+    assert batch.records[0].query == "the real query"
+
+
+def test_optional_fields_absent(tmp_path: Path) -> None:
+    batch = ingest([str(write_json(tmp_path / "run.json", [record()]))])
+    assert batch.records[0].predicted is None
+    assert batch.records[0].flagged_correct is None
+
+
+def test_predicted_is_kept_as_text(tmp_path: Path) -> None:
+    batch = ingest([str(write_json(tmp_path / "run.json", [record(prediction=True)]))])
+    assert batch.records[0].predicted == "True"
+
+
+def test_field_map_for_a_custom_name(tmp_path: Path) -> None:
+    raw = {"problem_text": "custom query", "completion": TRACE, "verdict": "no", "ok": False}
+    file = write_json(tmp_path / "run.json", [raw])
+    batch = ingest(
+        [str(file)], {"query": "problem_text", "trace": "completion", "gold": "verdict", "flagged_correct": "ok"}
+    )
+    r = batch.records[0]
+    assert (r.query, r.trace, r.gold, r.flagged_correct) == ("custom query", TRACE, 0, False)
+
+
+def test_field_map_replaces_the_aliases(tmp_path: Path) -> None:
+    # `input` is present, but the mapping says the query lives under `problem_text`.
+    file = write_json(tmp_path / "run.json", [record()])
+    raises_naming([str(file)], str(file), "record 1", "'query'", "problem_text", field_map={"query": "problem_text"})
+
+
+@pytest.mark.parametrize(
+    ("value", "gold"),
+    [(0, 0), (1, 1), ("0", 0), ("1", 1), ("yes", 1), ("No", 0), (" YES ", 1), (True, 1), (False, 0),
+     ("true", 1), ("False", 0), ("valid", 1), ("invalid", 0), ("Invalid", 0)],
+)
+def test_gold_label_forms(tmp_path: Path, value: Any, gold: int) -> None:
+    batch = ingest([str(write_json(tmp_path / "run.json", [record(label=value)]))])
+    assert batch.records[0].gold == gold
+
+
+# --- provenance ------------------------------------------------------------------------------
+
+
+def test_provenance_json_records(tmp_path: Path) -> None:
+    file = write_json(tmp_path / "run.json", {"results": [record(), record(), record()]})
+    batch = ingest([str(file)])
+    assert [r.source for r in batch.records] == [str(file)] * 3
+    assert [r.locator for r in batch.records] == ["record 1", "record 2", "record 3"]
+    assert batch.records[1].where == f"{file} (record 2)"
+
+
+def test_provenance_jsonl_lines(tmp_path: Path) -> None:
+    file = write_jsonl(tmp_path / "run.jsonl", [record(), record()])
+    batch = ingest([str(file)])
+    assert [r.source for r in batch.records] == [str(file)] * 2
+    assert [r.locator for r in batch.records] == ["line 1", "line 2"]
+
+
+# --- content hash ----------------------------------------------------------------------------
+
+
+def test_content_hash_same_bytes_same_hash(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    write_json(a / "run.json", [record()])
+    write_json(b / "run.json", [record()])
+    assert content_hash([str(a)]) == content_hash([str(b)])
+    assert ingest([str(a)]).content_hash == content_hash([str(a)])
+    assert len(content_hash([str(a)])) == 64
+
+
+def test_content_hash_ignores_mtime(tmp_path: Path) -> None:
+    file = write_json(tmp_path / "run.json", [record()])
+    before = content_hash([str(tmp_path)])
+    stat = file.stat()
+    os.utime(file, (stat.st_atime + 3600, stat.st_mtime + 3600))
+    assert content_hash([str(tmp_path)]) == before
+
+
+def test_content_hash_changes_with_one_byte(tmp_path: Path) -> None:
+    file = write_json(tmp_path / "run.json", [record()])
+    before = content_hash([str(file)])
+    data = bytearray(file.read_bytes())
+    index = data.index(b"No")
+    data[index : index + 2] = b"Na"
+    file.write_bytes(bytes(data))
+    assert content_hash([str(file)]) != before
+
+
+def test_content_hash_changes_with_new_file_in_directory(tmp_path: Path) -> None:
+    write_json(tmp_path / "run1.json", [record()])
+    before = content_hash([str(tmp_path)])
+    (tmp_path / "readme.txt").write_text("not a result file")
+    assert content_hash([str(tmp_path)]) == before  # only result files count
+    write_jsonl(tmp_path / "run2.jsonl", [record()])
+    assert content_hash([str(tmp_path)]) != before
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.json"
+    raises_naming([str(missing)], str(missing), "no such file or directory")
+
+
+def test_empty_directory(tmp_path: Path) -> None:
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("nothing to ingest")
+    raises_naming([str(folder)], str(folder), "*.json", "*.jsonl")
+
+
+def test_invalid_json_names_line_and_column(tmp_path: Path) -> None:
+    file = tmp_path / "run.json"
+    file.write_text('[\n  {"input": "q",\n   "response": oops}\n]\n', encoding="utf-8")
+    raises_naming([str(file)], str(file), "not valid JSON", "line 3", "column 16", "*.jsonl")
+
+
+def test_invalid_jsonl_line_names_the_line(tmp_path: Path) -> None:
+    file = tmp_path / "run.jsonl"
+    file.write_text(json.dumps(record()) + "\n" + json.dumps(record()) + "\n{broken\n", encoding="utf-8")
+    raises_naming([str(file)], str(file), "(line 3)", "not valid JSON")
+
+
+def test_object_without_predictions_or_results(tmp_path: Path) -> None:
+    file = write_json(tmp_path / "run.json", {"model": "gpt-4o", "outputs": [record()]})
+    raises_naming([str(file)], str(file), "'predictions'", "'results'", "['model', 'outputs']")
+
+
+def test_object_whose_list_key_is_not_a_list(tmp_path: Path) -> None:
+    file = write_json(tmp_path / "run.json", {"predictions": {"0": record()}})
+    raises_naming([str(file)], str(file), "'predictions'")
+
+
+def test_top_level_scalar(tmp_path: Path) -> None:
+    file = write_json(tmp_path / "run.json", "just a string")
+    raises_naming([str(file)], str(file), "JSON list")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_record_not_an_object(tmp_path: Path, suffix: str) -> None:
+    file = tmp_path / f"run{suffix}"
+    if suffix == ".json":
+        write_json(file, [record(), ["not", "an", "object"]])
+        locator = "(record 2)"
+    else:
+        write_jsonl(file, [record(), ["not", "an", "object"]])
+        locator = "(line 2)"
+    raises_naming([str(file)], str(file), locator, "expected a JSON object", "list")
+
+
+@pytest.mark.parametrize(
+    ("drop", "field", "aliases"),
+    [
+        ("input", "query", "input, query, prompt, question"),
+        ("response", "trace", "response, reasoning, generated_text, output"),
+        ("label", "gold", "label, ground_truth, ground_truth_label, gold"),
+    ],
+)
+def test_missing_required_field(tmp_path: Path, drop: str, field: str, aliases: str) -> None:
+    raw = record()
+    del raw[drop]
+    file = write_jsonl(tmp_path / "run.jsonl", [record(), raw])
+    raises_naming([str(file)], str(file), "(line 2)", f"missing field {field!r}", aliases, "field_map", f"{field}: <name>")
+
+
+@pytest.mark.parametrize("value", ["", "   \n  "])
+def test_empty_trace(tmp_path: Path, value: str) -> None:
+    file = write_json(tmp_path / "run.json", [record(response=value)])
+    raises_naming([str(file)], str(file), "(record 1)", "'trace'", "non-empty text")
+
+
+def test_query_that_is_not_text(tmp_path: Path) -> None:
+    file = write_json(tmp_path / "run.json", [record(input=[{"role": "user", "content": "q"}])])
+    raises_naming([str(file)], str(file), "(record 1)", "'query'", "non-empty text")
+
+
+@pytest.mark.parametrize("value", ["maybe", 2, -1, 0.5, "", "unknown"])
+def test_bad_gold_label(tmp_path: Path, value: Any) -> None:
+    file = write_json(tmp_path / "run.json", [record(), record(), record(label=value)])
+    raises_naming([str(file)], str(file), "(record 3)", "gold label", repr(value), "0/1, yes/no")
+
+
+@pytest.mark.parametrize(("key", "value"), [("correct", "yes"), ("is_correct", 1), ("correct", "true")])
+def test_non_bool_flag(tmp_path: Path, key: str, value: Any) -> None:
+    file = write_jsonl(tmp_path / "run.jsonl", [record(**{key: value})])
+    raises_naming([str(file)], str(file), "(line 1)", "correctness flag", "true or false", repr(value))
+
+
+def test_unknown_field_map_key(tmp_path: Path) -> None:
+    file = write_json(tmp_path / "run.json", [record()])
+    raises_naming([str(file)], "field_map", "'qeury'", "query", field_map={"qeury": "problem_text"})
+
+
+def test_the_first_bad_record_stops_ingestion(tmp_path: Path) -> None:
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    write_json(folder / "a.json", [record()])
+    bad = write_jsonl(folder / "b.jsonl", [record(), record(label="perhaps")])
+    raises_naming([str(folder)], str(bad), "(line 2)", "'perhaps'")
+
+
+# --- regressions: bugs these tests found ------------------------------------------------------
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"], ids=["U+2028", "U+2029", "NEL"])
+def test_jsonl_record_with_unicode_line_separator_in_a_string(tmp_path: Path, separator: str) -> None:
+    file = tmp_path / "run.jsonl"
+    rows = [record(response=f"Step one.{separator}Step two.\n\nAnswer: No"), record()]
+    file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    batch = ingest([str(file)])
+    assert [r.locator for r in batch.records] == ["line 1", "line 2"]
+    assert separator in batch.records[0].trace
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_non_utf8_file_is_a_clear_error(tmp_path: Path, suffix: str) -> None:
+    file = tmp_path / f"run{suffix}"
+    document: Any = [record(input="caf\u00e9")] if suffix == ".json" else record(input="caf\u00e9")
+    file.write_bytes(json.dumps(document, ensure_ascii=False).encode("cp1252") + b"\n")
+    raises_naming([str(file)], str(file), "UTF-8")
