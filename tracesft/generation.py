@@ -122,6 +122,18 @@ def generate_in_batches(
     return [out if out is not None else "" for out in outputs], size
 
 
+def generate_options(settings: EvalSettings, device: torch.device) -> dict[str, Any]:
+    """`generate` keyword arguments for `settings` (shared with benchmarks/eval_throughput.py)."""
+    options: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens}
+    if settings.do_sample:
+        options |= {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+    else:
+        options |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    if settings.fast_inference and device.type == "cuda":
+        options["cache_implementation"] = "static"  # transformers compiles the decoding step for it
+    return options
+
+
 def hf_batch_generator(model: Any, tokenizer: Any, settings: EvalSettings) -> BatchGenerator:
     """`model.generate` on left-padded batches; new tokens decoded without special tokens.
 
@@ -130,13 +142,7 @@ def hf_batch_generator(model: Any, tokenizer: Any, settings: EvalSettings) -> Ba
     compile the decoding step (CUDA graphs); elsewhere the default dynamic cache is used.
     """
     tokenizer.padding_side = "left"
-    options: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
-    if settings.do_sample:
-        options |= {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
-    else:
-        options |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    if settings.fast_inference and model.device.type == "cuda":
-        options["cache_implementation"] = "static"
+    options = generate_options(settings, model.device) | {"pad_token_id": tokenizer.pad_token_id}
 
     def generate_batch(batch: list[list[int]]) -> list[str]:
         inputs = tokenizer.pad(

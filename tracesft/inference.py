@@ -9,7 +9,7 @@ decode with plain dense layers. The 32B base in bf16 is 64 GB and fits one 80 GB
 is gone from the graph, and a static KV cache lets transformers compile the step.
 
 `merge_for_inference` does that rewrite in place, layer by layer, so the peak is the dense model
-plus one layer's float32 scratch. It works on any `PeftModel` whose LoRA layers wrap `nn.Linear`
+plus one layer's float32 scratch (each 4-bit weight is freed as its layer is replaced). It works on any `PeftModel` whose LoRA layers wrap `nn.Linear`
 or bitsandbytes' `Linear4bit` (what `load_base_model` builds) and on the benchmark's model built
 on the meta device alike.
 """
@@ -59,9 +59,12 @@ def merge_for_inference(model: nn.Module) -> nn.Module:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     merged: list[str] = []
-    for name, module in list(base.named_modules()):
+    # Names, not modules: holding every module while replacing them would keep each replaced
+    # 4-bit weight alive to the end, and the 32B's NF4 copy (18 GB) beside its bf16 one overflows 80 GB.
+    for name in [name for name, _ in base.named_modules()]:
         if any(name.startswith(f"{done}.") for done in merged):
             continue  # inside a LoRA layer already replaced: its base layer went with it
+        module = base.get_submodule(name)
         if isinstance(module, LoraLayer):
             _replace(base, name, _merged_linear(module))
             merged.append(name)
@@ -84,7 +87,7 @@ def _merged_linear(lora: Any) -> nn.Linear:
         if lora.use_dora.get(adapter):
             raise TracesftError("DoRA adapters are not supported by fast inference; set `evaluation.fast_inference: false`.")
         delta = lora.lora_B[adapter].weight.float() @ lora.lora_A[adapter].weight.float() * lora.scaling[adapter]
-        weight += delta.T if lora.fan_in_fan_out else delta
+        weight = weight + (delta.T if lora.fan_in_fan_out else delta)  # never into the caller's tensor
     return _dense_linear(base_layer, weight)
 
 
