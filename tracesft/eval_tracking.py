@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import re
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from tracesft.adapter import LoraAdapter
 from tracesft.comparison import ModelComparison
 from tracesft.config import RegistrySettings
-from tracesft.eval_report import evaluation_figure  # before pyplot: it selects the Agg backend, render_evaluation_html
+from tracesft.eval_report import evaluation_figure, plt, render_evaluation_html  # selects the Agg backend
 from tracesft.evaluation import EvalReport, Prediction
 from tracesft.metrics import ScoreReport
 from tracesft.tracking import use_tracking

@@ -103,12 +103,12 @@ def generate_in_batches(
             try:
                 texts = generate_batch([prompts[i] for i in batch])
             except torch.cuda.OutOfMemoryError:
-                if size == 1:
+                if len(batch) == 1:
                     raise TracesftError(
                         "out of GPU memory generating a single example; lower `evaluation.max_new_tokens` "
                         "or use a GPU with more memory."
                     ) from None
-                size = max(1, size // 2)
+                size = max(1, len(batch) // 2)
                 logger.warning("out of GPU memory at batch size %d; retrying the batch at %d", len(batch), size)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
