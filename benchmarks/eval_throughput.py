@@ -260,7 +260,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=None, help="default 512; tiny 32")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128; tiny 16")
     parser.add_argument("--check-tokens", type=int, default=256, help="sequence length of the logits check")
-    parser.add_argument("--budget-s", type=float, default=360.0, help="start no new measurement after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="start no new measurement after this many seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
