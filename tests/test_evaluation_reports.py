@@ -99,7 +99,7 @@ def test_merging_dequantises_nf4_layers_exactly() -> None:
 def test_evaluate_scores_three_sets_and_resumes_from_its_cache(model_dir: Path, tmp_path: Path) -> None:
     problems = load_eval_set(EVAL_PATH)[:6]
     validation = problems[:2]
-    settings = EvalSettings(max_new_tokens=6, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    settings = EvalSettings(max_new_tokens=6, batch_size=4, cache_dir=str(tmp_path / "cache"), fast_inference=True)
     report = evaluate(str(model_dir), problems, settings, TrainingRecipe(), validation=validation)
     assert report.model == "base" and report.scores.n == 6
     assert report.renamed is not None and report.renamed.scores.n == 6
