@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from tracesft.config import embedded_config_path, load_run_config
@@ -53,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("files", nargs="+")
     verify.add_argument("--config", type=Path, default=None, help="for its field_map")
     verify.add_argument("--json", action="store_true")
+
+    solve = command("solve", _solve, "Run the exact Corr2Cause solver on a CSV; report agreement with its gold labels.")
+    solve.add_argument("csv", type=Path)
+    solve.add_argument("--json", action="store_true")
 
     adapters = command("adapters", lambda _: parser.error("adapters needs a subcommand"), "Inspect the adapter registry.")
     adapter_commands = adapters.add_subparsers(required=True, metavar="SUBCOMMAND")
@@ -153,6 +158,25 @@ def _verify_traces(args: argparse.Namespace) -> int:
         print(f"{report['records']} records: {report['kept']} kept, {len(result.rejected)} rejected")
         for rejection in report["rejections"]:
             print(f"  {rejection['where']}: {rejection['reason']} ({rejection['detail']})")
+    return 0
+
+
+def _solve(args: argparse.Namespace) -> int:
+    from tracesft.eval_set import load_eval_set
+    from tracesft.solver import agreement_report
+
+    started = time.perf_counter()
+    report = agreement_report(load_eval_set(args.csv))
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['rows']} rows ({report['distinct_premises']} distinct premises) in {report['seconds']} s: "
+          f"{report['agree']} agree with gold, {len(report['disagree'])} disagree, {len(report['malformed'])} unreadable")
+    for row in report["disagreements"]:
+        print(f"  row {row['row']} ({row['template']}): gold {row['gold']}, solver {row['solver']}: {row['derived']}")
+    for row in report["malformed_rows"]:
+        print(f"  row {row['row']} ({row['template']}): {row['error']}")
     return 0
 
 
