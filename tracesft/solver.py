@@ -181,55 +181,74 @@ def _v_structures(dag: Dag, adjacent: list[int]) -> set[tuple[int, int, int]]:
     return found
 
 
-def d_separations(dag: Dag) -> set[tuple[int, int]]:
+@lru_cache(maxsize=65536)
+def d_separations(dag: Dag) -> frozenset[tuple[int, int]]:
     """All (pair mask, conditioning mask) with the pair d-separated given the set."""
     n = len(dag.names)
+    children = _children_masks(dag)
     result = set()
-    for x, y in combinations(range(n), 2):
-        others = [v for v in range(n) if v not in (x, y)]
-        for size in range(len(others) + 1):
-            for given in combinations(others, size):
-                z = _mask(given)
-                if not _d_connected(dag, x, y, z):
-                    result.add(((1 << x) | (1 << y), z))
-    return result
+    for given in range(1 << n):
+        for x in range(n):
+            if given >> x & 1:
+                continue
+            connected = _d_connected_to(dag.parents, children, x, given)
+            for y in range(x + 1, n):
+                if not (given >> y & 1 or connected >> y & 1):
+                    result.add(((1 << x) | (1 << y), given))
+    return frozenset(result)
 
 
-def _d_connected(dag: Dag, x: int, y: int, z: int) -> bool:
-    """Is there an active trail from x to y given z? (the reachability algorithm, on bitmasks)"""
-    n = len(dag.names)
-    children = [0] * n
+def _d_connected_to(parents: tuple[int, ...], children: tuple[int, ...], x: int, given: int) -> int:
+    """Bitmask of the nodes with an active trail from x given `given` (Koller & Friedman, alg. 3.1).
+
+    A trail may pass a node upwards (entered from a child) or downwards (entered from a parent);
+    an unobserved node passes both ways except that a downward pass cannot turn up again, and a
+    collider passes (down to up) only when it or a descendant is observed.
+    """
+    opens_colliders = given
+    frontier = given
+    while frontier:  # the observed nodes and their ancestors
+        low = frontier & -frontier
+        frontier ^= low
+        new = parents[low.bit_length() - 1] & ~opens_colliders
+        opens_colliders |= new
+        frontier |= new
+    reached = 0
+    up, down = 1 << x, 0  # nodes to leave upwards / downwards
+    seen_up, seen_down = 0, 0
+    while up or down:
+        if up:
+            low = up & -up
+            up ^= low
+            if seen_up & low:
+                continue
+            seen_up |= low
+            if not given & low:
+                v = low.bit_length() - 1
+                reached |= low
+                up |= parents[v] & ~seen_up
+                down |= children[v] & ~seen_down
+        else:
+            low = down & -down
+            down ^= low
+            if seen_down & low:
+                continue
+            seen_down |= low
+            v = low.bit_length() - 1
+            if not given & low:
+                reached |= low
+                down |= children[v] & ~seen_down
+            if opens_colliders & low:
+                up |= parents[v] & ~seen_up
+    return reached
+
+
+def _children_masks(dag: Dag) -> tuple[int, ...]:
+    children = [0] * len(dag.names)
     for c, pa in enumerate(dag.parents):
         for p in _bits(pa):
             children[p] |= 1 << c
-    ancestors_of_z = z
-    frontier = z
-    while frontier:
-        v = (frontier & -frontier).bit_length() - 1
-        frontier &= frontier - 1
-        new = dag.parents[v] & ~ancestors_of_z
-        ancestors_of_z |= new
-        frontier |= new
-    # States: (node, arrived_from_child). Leaving x counts as arriving from a child.
-    seen: set[tuple[int, bool]] = set()
-    stack = [(x, True)]
-    while stack:
-        v, from_child = stack.pop()
-        if (v, from_child) in seen:
-            continue
-        seen.add((v, from_child))
-        if v == y:
-            return True
-        observed = z >> v & 1
-        if from_child and not observed:
-            stack += [(p, True) for p in _bits(dag.parents[v])]
-            stack += [(c, False) for c in _bits(children[v])]
-        elif not from_child:
-            if not observed:
-                stack += [(c, False) for c in _bits(children[v])]
-            if ancestors_of_z >> v & 1:
-                stack += [(p, True) for p in _bits(dag.parents[v])]
-    return False
+    return tuple(children)
 
 
 def holds(dag: Dag, hypothesis: Hypothesis) -> bool:
