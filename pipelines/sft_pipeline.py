@@ -33,6 +33,7 @@ def sft_pipeline(
     traces: list[str],
     eval_set: str,
     field_map: Optional[dict[str, str]] = None,
+    on_bad_record: str = "error",
     base_model: str = PRODUCTION_BASE_MODEL,
     base_model_revision: Optional[str] = None,
     dataset: DatasetSettings = DatasetSettings(),
@@ -41,7 +42,7 @@ def sft_pipeline(
     registry: RegistrySettings = RegistrySettings(),
 ) -> None:
     eval_hash = eval_set_hash(eval_set)
-    raw = ingest_traces(traces, field_map or {}, content_hash(traces))
+    raw = ingest_traces(traces, field_map or {}, content_hash(traces), on_bad_record)
     verified, _rejected = verify_traces(raw)
     quality, _view = validate_traces(verified, base_model, base_model_revision, training.max_seq_length, eval_set)
     sft_dataset, _summary = build_sft_dataset(verified, quality, dataset)

@@ -52,7 +52,10 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = command("verify-traces", _verify_traces, "Verify GPT result files; count kept and rejected traces.")
     verify.add_argument("files", nargs="+")
-    verify.add_argument("--config", type=Path, default=None, help="for its field_map")
+    verify.add_argument("--config", type=Path, default=None, help="for its field_map and on_bad_record")
+    verify.add_argument(
+        "--on-bad-record", choices=("error", "skip"), default=None, help="stop at an unreadable record, or skip and list it"
+    )
     verify.add_argument("--json", action="store_true")
 
     solve = command("solve", _solve, "Run the exact Corr2Cause solver on a CSV; report agreement with its gold labels.")
@@ -142,13 +145,16 @@ def _verify_traces(args: argparse.Namespace) -> int:
     from tracesft.ingest import ingest
     from tracesft.verify import verify
 
-    field_map = load_run_config(args.config).field_map if args.config else {}
-    batch = ingest(args.files, field_map)
+    config = load_run_config(args.config) if args.config else None
+    field_map = config.field_map if config else {}
+    on_bad_record = args.on_bad_record or (config.on_bad_record if config else "error")
+    batch = ingest(args.files, field_map, on_bad_record)
     result = verify(batch)
     report = {
         "records": len(batch.records),
         "kept": len(result.kept.records),
         "rejected": result.rejected_by_reason(),
+        "skipped": [{"where": f"{s.source} ({s.locator})", "error": s.error} for s in batch.skipped],
         "content_hash": batch.content_hash,
         "rejections": [{"where": r.record.where, "reason": r.reason, "detail": r.detail} for r in result.rejected],
     }
@@ -158,6 +164,10 @@ def _verify_traces(args: argparse.Namespace) -> int:
         print(f"{report['records']} records: {report['kept']} kept, {len(result.rejected)} rejected")
         for rejection in report["rejections"]:
             print(f"  {rejection['where']}: {rejection['reason']} ({rejection['detail']})")
+        if batch.skipped:
+            print(f"{len(batch.skipped)} unreadable record(s) skipped:")
+            for skipped in report["skipped"]:
+                print(f"  {skipped['where']}: {skipped['error']}")
     return 0
 
 

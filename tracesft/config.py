@@ -84,6 +84,9 @@ class RunConfig(_Settings):
 
     traces: list[str] = Field(min_length=1)
     field_map: dict[str, str] = Field(default_factory=dict)
+    # A record ingestion cannot read (e.g. one broken JSONL line): stop the run ("error") or skip
+    # it and list it in the ingested batch and the step's metadata ("skip").
+    on_bad_record: Literal["error", "skip"] = "error"
     base_model: str = PRODUCTION_BASE_MODEL
     base_model_revision: str | None = None
     eval_set: str
