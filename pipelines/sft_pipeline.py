@@ -23,7 +23,14 @@ from steps import (
     validate_traces,
     verify_traces,
 )
-from tracesft.config import PRODUCTION_BASE_MODEL, DatasetSettings, EvalSettings, RegistrySettings, TrainingRecipe
+from tracesft.config import (
+    PRODUCTION_BASE_MODEL,
+    DatasetSettings,
+    EvalSettings,
+    QualitySettings,
+    RegistrySettings,
+    TrainingRecipe,
+)
 from tracesft.ingest import content_hash
 from tracesft.eval_set import eval_set_hash
 
@@ -37,6 +44,7 @@ def sft_pipeline(
     base_model: str = PRODUCTION_BASE_MODEL,
     base_model_revision: Optional[str] = None,
     dataset: DatasetSettings = DatasetSettings(),
+    quality: QualitySettings = QualitySettings(),
     training: TrainingRecipe = TrainingRecipe(),
     evaluation: EvalSettings = EvalSettings(),
     registry: RegistrySettings = RegistrySettings(),
@@ -44,8 +52,10 @@ def sft_pipeline(
     eval_hash = eval_set_hash(eval_set)
     raw = ingest_traces(traces, field_map or {}, content_hash(traces), on_bad_record)
     verified, _rejected = verify_traces(raw)
-    quality, _view = validate_traces(verified, base_model, base_model_revision, training.max_seq_length, eval_set)
-    sft_dataset, _summary = build_sft_dataset(verified, quality, dataset)
+    quality_report, _view = validate_traces(
+        verified, base_model, base_model_revision, training.max_seq_length, eval_set, quality, registry
+    )
+    sft_dataset, _summary = build_sft_dataset(verified, quality_report, dataset)
     adapter = train_adapter(sft_dataset, base_model, base_model_revision, training, registry)
     problems = load_eval_problems(eval_set, eval_hash, sft_dataset)
     base_report = evaluate_model(problems, base_model, base_model_revision, evaluation, training, id="evaluate_base")

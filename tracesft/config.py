@@ -60,6 +60,17 @@ class TrainingRecipe(_Settings):
     seed: int = 42
 
 
+class QualitySettings(_Settings):
+    """Thresholds of the data-quality gate (tracesft.quality)."""
+
+    min_traces: int = Field(1, ge=1)  # verified traces needed to train at all
+    within_length_share: float = Field(1.0, gt=0.0, le=1.0)  # of traces that must fit max_seq_length
+    # Eval problems that also appear among the traces are removed from the eval set; the gate
+    # fails only when too little held-out eval data is left, by count or by share.
+    min_held_out_eval_problems: int = Field(1, ge=0)
+    min_held_out_eval_share: float = Field(0.5, ge=0.0, le=1.0)
+
+
 class EvalSettings(_Settings):
     """Generation settings for scoring base and fine-tuned models on the eval set."""
 
@@ -91,6 +102,7 @@ class RunConfig(_Settings):
     base_model_revision: str | None = None
     eval_set: str
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
     training: TrainingRecipe = Field(default_factory=TrainingRecipe)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
