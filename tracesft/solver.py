@@ -82,6 +82,13 @@ def _solve_text_cached(normalized: str) -> Verdict:
     return solve(parse_problem(normalized))
 
 
+def clear_caches() -> None:
+    """Forget every solved problem and equivalence class (for cold-start measurements)."""
+    _solve_text_cached.cache_clear()
+    equivalence_class.cache_clear()
+    d_separations.cache_clear()
+
+
 def solve(problem: Problem) -> Verdict:
     members = equivalence_class(problem.premise)
     holding = sum(holds(dag, problem.hypothesis) for dag in members)

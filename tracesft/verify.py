@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from tracesft.answers import answer_to_label, extract_answer
 from tracesft.corr2cause import MalformedProblemError
-from tracesft.solver import solve_text
+from tracesft.solver import Verdict, solve_text
 from tracesft.traces import RejectedTrace, TraceBatch, TraceRecord, VerificationResult
 
 UNPARSEABLE = "unparseable_answer"
@@ -34,8 +34,11 @@ def verify(batch: TraceBatch) -> VerificationResult:
     kept: list[TraceRecord] = []
     rejected: list[RejectedTrace] = []
     seen: dict[tuple[str, str], TraceRecord] = {}
+    # The solver's own cache keys on the normalised text; records of one problem usually repeat
+    # the query verbatim, so this one saves normalising it again for every record.
+    verdicts: dict[str, Verdict | MalformedProblemError] = {}
     for record in batch.records:
-        reason, detail = _judge(record)
+        reason, detail = _judge(record, verdicts)
         key = (" ".join(record.query.split()), " ".join(record.trace.split()))
         if reason is None and key in seen:
             reason, detail = DUPLICATE, f"same query and trace as {seen[key].where}"
@@ -47,7 +50,7 @@ def verify(batch: TraceBatch) -> VerificationResult:
     return VerificationResult(kept=batch.model_copy(update={"records": kept}), rejected=rejected)
 
 
-def _judge(record: TraceRecord) -> tuple[str | None, str]:
+def _judge(record: TraceRecord, verdicts: dict[str, Verdict | MalformedProblemError]) -> tuple[str | None, str]:
     answer = extract_answer(record.trace)
     label = answer_to_label(answer)
     if label is None:
@@ -58,10 +61,15 @@ def _judge(record: TraceRecord) -> tuple[str | None, str]:
             f"harness flag says {'correct' if record.flagged_correct else 'wrong'}, "
             f"but the trace answers {answer!r} against gold {record.gold}"
         )
-    try:
-        verdict = solve_text(record.query)
-    except MalformedProblemError as err:
-        return MALFORMED_PREMISE, f"the solver cannot read the problem: {err}"
+    verdict = verdicts.get(record.query)
+    if verdict is None:
+        try:
+            verdict = solve_text(record.query)
+        except MalformedProblemError as err:
+            verdict = err
+        verdicts[record.query] = verdict
+    if isinstance(verdict, MalformedProblemError):
+        return MALFORMED_PREMISE, f"the solver cannot read the problem: {verdict}"
     if verdict.label != record.gold:
         return GOLD_CONTRADICTED, (
             f"gold label is {record.gold} but the solver derives {verdict.label}: {verdict.explain()}; "
