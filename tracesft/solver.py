@@ -16,7 +16,9 @@ Markov equivalent):
 3. members: every acyclic orientation of the skeleton with exactly those v-structures, found by
    backtracking with cycle and v-structure pruning;
 4. faithfulness check: the d-separations of a member must equal the premise's independences, or
-   the premise cannot come from any DAG and is rejected as inconsistent.
+   the premise cannot come from any DAG and is rejected as inconsistent. (Correlation statements
+   only restate marginal dependence: a pair not stated independent counts as dependent, and the
+   parser already rejects a pair stated both correlated and independent.)
 
 Relations are decided on each member the way Corr2Cause's generator classifies paths between the
 two variables (its `compute_relation`): a direct edge; a directed path of length two or more
@@ -153,7 +155,8 @@ def _orientations(n: int, adjacent: list[int], colliders: set[tuple[int, int, in
 
     def acceptable(child: int, parent: int) -> bool:
         # The new edge parent -> child must not close a cycle, nor contradict a required collider
-        # at the parent, nor form an unshielded collider at the child that is not required.
+        # at the parent, nor form an unshielded collider at the child with a node that is in no
+        # required collider there. This prunes cheaply; the exact v-structure check is at the end.
         if required_parents[parent] >> child & 1:
             return False
         if _reaches(parents, child, parent):
