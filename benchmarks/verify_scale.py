@@ -81,7 +81,7 @@ def main() -> None:
     rows = [
         ("records", f"{len(batch.records):,}"),
         ("files (JSONL)", f"{len(batch.files)} ({size_mb:,.0f} MB)"),
-        ("distinct problems / premises solved", f"{args.problems:,} / {solved:,}"),
+        ("problems generated / distinct premises solved", f"{args.problems:,} / {solved:,}"),
         ("kept", f"{len(result.kept.records):,}"),
         ("rejected", ", ".join(f"{k} {v:,}" for k, v in result.rejected_by_reason().items()) or "-"),
         ("ingest (stream + parse + records)", f"{ingested_s:.1f} s"),
