@@ -25,7 +25,14 @@ from steps import (
     validate_traces,
     verify_traces,
 )
-from tracesft.config import PRODUCTION_BASE_MODEL, DatasetSettings, EvalSettings, RegistrySettings, TrainingRecipe
+from tracesft.config import (
+    PRODUCTION_BASE_MODEL,
+    DatasetSettings,
+    EvalSettings,
+    QualitySettings,
+    RegistrySettings,
+    TrainingRecipe,
+)
 from tracesft.ingest import content_hash
 from tracesft.eval_set import eval_set_hash
 
@@ -35,18 +42,22 @@ def sft_pipeline(
     traces: list[str],
     eval_set: str,
     field_map: Optional[dict[str, str]] = None,
+    on_bad_record: str = "error",
     base_model: str = PRODUCTION_BASE_MODEL,
     base_model_revision: Optional[str] = None,
     dataset: DatasetSettings = DatasetSettings(),
+    quality: QualitySettings = QualitySettings(),
     training: TrainingRecipe = TrainingRecipe(),
     evaluation: EvalSettings = EvalSettings(),
     registry: RegistrySettings = RegistrySettings(),
 ) -> None:
     eval_hash = eval_set_hash(eval_set)
-    raw = ingest_traces(traces, field_map or {}, content_hash(traces))
+    raw = ingest_traces(traces, field_map or {}, content_hash(traces), on_bad_record)
     verified, _rejected = verify_traces(raw)
-    quality, _view = validate_traces(verified, base_model, base_model_revision, training.max_seq_length, eval_set)
-    sft_dataset, _summary = build_sft_dataset(verified, quality, dataset)
+    quality_report, _view = validate_traces(
+        verified, base_model, base_model_revision, training.max_seq_length, eval_set, quality, registry
+    )
+    sft_dataset, _summary = build_sft_dataset(verified, quality_report, dataset)
     adapter = train_adapter(sft_dataset, base_model, base_model_revision, training, registry)
     problems = load_eval_problems(eval_set, eval_hash, sft_dataset, evaluation)
     validation = load_validation_problems(sft_dataset)

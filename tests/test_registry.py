@@ -335,7 +335,13 @@ def test_cli_verify_traces_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert report["records"] == problems + 1
     assert report["kept"] == report["records"] - sum(report["rejected"].values())
     assert report["rejected"]["unparseable_answer"] == len(UNPARSEABLE)
-    assert set(report["rejected"]) == {"duplicate", "flag_contradicts_text", "unparseable_answer", "wrong_answer"}
+    assert set(report["rejected"]) == {
+        "duplicate",
+        "flag_contradicts_text",
+        "gold_contradicted_by_solver",
+        "unparseable_answer",
+        "wrong_answer",
+    }
     assert len(report["rejections"]) == sum(report["rejected"].values())
     assert all(r["where"].startswith(str(SAMPLE_DIR)) for r in report["rejections"])
     assert len(report["content_hash"]) == 64
@@ -350,7 +356,11 @@ def test_cli_verify_traces_text(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_verify_traces_with_a_field_map(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = tmp_path / "run.jsonl"
-    results.write_text(json.dumps({"problem": "q", "completion": "Answer: Yes", "verdict": 1}) + "\n")
+    problem = (
+        "Premise: Suppose there is a closed system of 2 variables, A and B. All the statistical relations among "
+        "these 2 variables are as follows: A correlates with B.\nHypothesis: A directly causes B."
+    )
+    results.write_text(json.dumps({"problem": problem, "completion": "Answer: No", "verdict": 0}) + "\n")
     config = tmp_path / "run.yaml"
     config.write_text("parameters:\n  traces: [t]\n  eval_set: e.csv\n  field_map: {query: problem, trace: completion, gold: verdict}\n")
     assert main(["verify-traces", str(results), "--config", str(config), "--json"]) == 0

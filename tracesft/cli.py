@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from tracesft.config import embedded_config_path, load_run_config
@@ -57,8 +58,15 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = command("verify-traces", _verify_traces, "Verify GPT result files; count kept and rejected traces.")
     verify.add_argument("files", nargs="+")
-    verify.add_argument("--config", type=Path, default=None, help="for its field_map")
+    verify.add_argument("--config", type=Path, default=None, help="for its field_map and on_bad_record")
+    verify.add_argument(
+        "--on-bad-record", choices=("error", "skip"), default=None, help="stop at an unreadable record, or skip and list it"
+    )
     verify.add_argument("--json", action="store_true")
+
+    solve = command("solve", _solve, "Run the exact Corr2Cause solver on a CSV; report agreement with its gold labels.")
+    solve.add_argument("csv", type=Path)
+    solve.add_argument("--json", action="store_true")
 
     adapters = command("adapters", lambda _: parser.error("adapters needs a subcommand"), "Inspect the adapter registry.")
     adapter_commands = adapters.add_subparsers(required=True, metavar="SUBCOMMAND")
@@ -158,13 +166,16 @@ def _verify_traces(args: argparse.Namespace) -> int:
     from tracesft.ingest import ingest
     from tracesft.verify import verify
 
-    field_map = load_run_config(args.config).field_map if args.config else {}
-    batch = ingest(args.files, field_map)
+    config = load_run_config(args.config) if args.config else None
+    field_map = config.field_map if config else {}
+    on_bad_record = args.on_bad_record or (config.on_bad_record if config else "error")
+    batch = ingest(args.files, field_map, on_bad_record)
     result = verify(batch)
     report = {
         "records": len(batch.records),
         "kept": len(result.kept.records),
         "rejected": result.rejected_by_reason(),
+        "skipped": [{"where": f"{s.source} ({s.locator})", "error": s.error} for s in batch.skipped],
         "content_hash": batch.content_hash,
         "rejections": [{"where": r.record.where, "reason": r.reason, "detail": r.detail} for r in result.rejected],
     }
@@ -174,6 +185,29 @@ def _verify_traces(args: argparse.Namespace) -> int:
         print(f"{report['records']} records: {report['kept']} kept, {len(result.rejected)} rejected")
         for rejection in report["rejections"]:
             print(f"  {rejection['where']}: {rejection['reason']} ({rejection['detail']})")
+        if batch.skipped:
+            print(f"{len(batch.skipped)} unreadable record(s) skipped:")
+            for skipped in report["skipped"]:
+                print(f"  {skipped['where']}: {skipped['error']}")
+    return 0
+
+
+def _solve(args: argparse.Namespace) -> int:
+    from tracesft.eval_set import load_eval_set
+    from tracesft.solver import agreement_report
+
+    started = time.perf_counter()
+    report = agreement_report(load_eval_set(args.csv))
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['rows']} rows ({report['distinct_premises']} distinct premises) in {report['seconds']} s: "
+          f"{report['agree']} agree with gold, {len(report['disagree'])} disagree, {len(report['malformed'])} unreadable")
+    for row in report["disagreements"]:
+        print(f"  row {row['row']} ({row['template']}): gold {row['gold']}, solver {row['solver']}: {row['derived']}")
+    for row in report["malformed_rows"]:
+        print(f"  row {row['row']} ({row['template']}): {row['error']}")
     return 0
 
 

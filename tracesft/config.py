@@ -60,6 +60,17 @@ class TrainingRecipe(_Settings):
     seed: int = 42
 
 
+class QualitySettings(_Settings):
+    """Thresholds of the data-quality gate (tracesft.quality)."""
+
+    min_traces: int = Field(1, ge=1)  # verified traces needed to train at all
+    within_length_share: float = Field(1.0, gt=0.0, le=1.0)  # of traces that must fit max_seq_length
+    # Eval problems that also appear among the traces are removed from the eval set; the gate
+    # fails only when too little held-out eval data is left, by count or by share.
+    min_held_out_eval_problems: int = Field(1, ge=0)
+    min_held_out_eval_share: float = Field(0.5, ge=0.0, le=1.0)
+
+
 class EvalSettings(_Settings):
     """Generation settings for scoring base and fine-tuned models on the eval set."""
 
@@ -100,10 +111,14 @@ class RunConfig(_Settings):
 
     traces: list[str] = Field(min_length=1)
     field_map: dict[str, str] = Field(default_factory=dict)
+    # A record ingestion cannot read (e.g. one broken JSONL line): stop the run ("error") or skip
+    # it and list it in the ingested batch and the step's metadata ("skip").
+    on_bad_record: Literal["error", "skip"] = "error"
     base_model: str = PRODUCTION_BASE_MODEL
     base_model_revision: str | None = None
     eval_set: str
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
     training: TrainingRecipe = Field(default_factory=TrainingRecipe)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
