@@ -11,10 +11,11 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from tracesft.config import embedded_config_path, load_run_config
+from tracesft.config import embedded_config_path, load_run_config, with_traces
 from tracesft.errors import TracesftError
 from tracesft.tracking import STATE_DIR
 
@@ -43,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     run = command("run", _run, "Run the pipeline with a run configuration (ZenML run-config YAML).")
     run.add_argument("--config", type=Path, default=None, help="run configuration (default: the embedded one)")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON")
+
+    retrain = command(
+        "retrain",
+        _retrain,
+        "Rerun the pipeline on a traces folder, e.g. from cron: unchanged traces come from the cache and "
+        "register nothing; a new or changed file retrains and registers a new version.",
+    )
+    retrain.add_argument("--traces", type=Path, required=True, help="folder of GPT result files (overrides the configured traces)")
+    retrain.add_argument("--config", type=Path, default=None, help="run configuration (default: the embedded one)")
+    retrain.add_argument("--json", action="store_true", help="print the run summary as JSON")
 
     tiny = command("tiny-model", _tiny_model, "Build the tiny random-weight Qwen2 model and tokenizer into DIR.")
     tiny.add_argument("dir", type=Path)
@@ -82,12 +93,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    # The demo keeps its ZenML store beside its MLflow database, away from the user's own.
+    _prepare_embedded_workspace()
+    return _run_and_report(embedded_config_path(), args.json)
+
+
+def _prepare_embedded_workspace() -> None:
+    # The embedded default keeps its ZenML store beside its MLflow database, away from the user's own.
     os.environ.setdefault("ZENML_CONFIG_PATH", str((STATE_DIR / "zenml").resolve()))
     from tracesft.workspace import prepare_demo_workspace
 
     prepare_demo_workspace()
-    return _run_and_report(embedded_config_path(), args.json)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -96,7 +111,19 @@ def _run(args: argparse.Namespace) -> int:
     return _run_and_report(config, args.json)
 
 
-def _run_and_report(config: Path, as_json: bool) -> int:
+def _retrain(args: argparse.Namespace) -> int:
+    if not args.traces.is_dir():
+        raise TracesftError(f"{args.traces}: no such folder; give the folder where new GPT result files arrive.")
+    if args.config is None:
+        _prepare_embedded_workspace()
+    source = args.config or embedded_config_path()
+    load_run_config(source)  # fail fast, with a clear message, before ZenML starts
+    with tempfile.TemporaryDirectory(prefix="tracesft-retrain-") as directory:
+        config = with_traces(source, [args.traces.resolve()], Path(directory) / "run.yaml")
+        return _run_and_report(config, args.json, shown_config=args.config)
+
+
+def _run_and_report(config: Path, as_json: bool, shown_config: Path | None = None) -> int:
     from pipelines.run import run_pipeline, run_summary
     from tracesft.registry import list_versions
     from tracesft.tracking import resolve_tracking_uri
@@ -121,7 +148,8 @@ def _run_and_report(config: Path, as_json: bool) -> int:
                 print(f"  version {row['version']}: aliases {row['aliases'] or '-'}; {metrics}")
     uri = resolve_tracking_uri(settings)
     print("\nSee the results:")
-    print(f"  tracesft adapters list{'' if config == embedded_config_path() else f' --config {config}'}")
+    shown_config = shown_config or config
+    print(f"  tracesft adapters list{'' if shown_config == embedded_config_path() else f' --config {shown_config}'}")
     if uri.startswith("sqlite:///"):
         print(f"  MLflow UI:        mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     else:

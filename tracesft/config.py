@@ -58,6 +58,10 @@ class TrainingRecipe(_Settings):
     warmup_steps: float = Field(0.03, ge=0.0)  # below 1: a fraction of all steps
     logging_steps: int = Field(10, gt=0)
     seed: int = 42
+    # Reporters beside MLflow (which always records): [] or [wandb]. Off by default, never required.
+    report_to: list[Literal["wandb"]] = Field(default_factory=list)
+    wandb_project: str = "corr2cause-sft"
+    wandb_run_name: str = "sft-lora-4bit"
 
 
 class QualitySettings(_Settings):
@@ -152,3 +156,15 @@ def load_run_config(path: str | Path | None = None) -> RunConfig:
             f"parameters.{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in err.errors()
         )
         raise TracesftError(f"{path}: invalid run configuration: {problems}.") from None
+
+
+def with_traces(path: str | Path, traces: list[str | Path], destination: Path) -> Path:
+    """Write a copy of the run configuration at `path` whose `traces` are replaced; return it.
+
+    Everything else, ZenML settings included, is kept as is, so a scheduled `tracesft retrain`
+    runs the very configuration it was given, on the traces folder it was pointed at.
+    """
+    document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    document["parameters"]["traces"] = [str(trace) for trace in traces]
+    destination.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return destination

@@ -20,6 +20,7 @@ from tracesft.adapter import LoraAdapter, write_metadata
 from tracesft.config import TrainingRecipe
 from tracesft.modeling import load_base_model, load_tokenizer, uses_cuda
 from tracesft.prompting import build_completion, build_prompt
+from tracesft.reporting import reporting_callbacks
 from tracesft.sft_dataset import SFTDataset
 from tracesft.traces import TraceRecord
 
@@ -103,7 +104,7 @@ def train_lora(
         eval_dataset=validation,
         processing_class=tokenizer,
         peft_config=lora,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), *reporting_callbacks(recipe)],
     )
     result = trainer.train()
     eval_loss = trainer.evaluate()["eval_loss"] if validation is not None else None
