@@ -89,6 +89,7 @@ def train_lora_distributed(
     revision: str | None = None,
 ) -> tuple[LoraAdapter, TrainingSummary]:
     """Launch one `train_lora` per process with `accelerate launch`; return rank 0's results."""
+    check_devices(recipe.distributed)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / DATASET_FILE).write_text(dataset.model_dump_json(), encoding="utf-8")
@@ -114,6 +115,24 @@ def train_lora_distributed(
         )
     summary = TrainingSummary.model_validate_json((output_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
     return LoraAdapter(output_dir / "adapter"), summary
+
+
+def check_devices(settings: DistributedSettings) -> None:
+    """Refuse, before launching anything, a run this machine cannot host."""
+    import torch
+
+    where = "parameters.training.distributed"
+    if settings.strategy == "fsdp_qlora" and not uses_cuda():
+        raise TracesftError(
+            f"{where}.strategy: fsdp_qlora needs CUDA GPUs (FSDP shards across accelerator devices) and none is "
+            "visible. On a CPU use strategy ddp, or set num_processes to 1."
+        )
+    if uses_cuda() and settings.num_processes > torch.cuda.device_count():
+        raise TracesftError(
+            f"{where}.num_processes: {settings.num_processes} processes need as many GPUs, but this machine shows "
+            f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). "
+            "Lower num_processes or request more GPUs for the training step."
+        )
 
 
 def launch_command(settings: DistributedSettings, use_cpu: bool) -> list[str]:
