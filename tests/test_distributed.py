@@ -35,7 +35,7 @@ def recipe(num_processes: int) -> TrainingRecipe:
         per_device_train_batch_size=GLOBAL_BATCH // num_processes,
         gradient_accumulation_steps=1,
         lora_dropout=0.0,
-        max_seq_length=256,
+        max_seq_length=1024,
         logging_steps=1,
         distributed=DistributedSettings(num_processes=num_processes),
     )
@@ -45,7 +45,9 @@ def recipe(num_processes: int) -> TrainingRecipe:
 def model_and_dataset(tmp_path_factory: pytest.TempPathFactory):
     model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", tokenizer_corpus())
     dataset = build_sft_dataset(verify(ingest([str(DATA / "sample_traces")])).kept, validation_fraction=0.15, seed=42)
-    return str(model_dir), dataset.model_copy(update={"train": dataset.train[:12], "validation": []})
+    # The 12 shortest records, whole (none truncated away): three optimizer steps of 4.
+    shortest = sorted(dataset.train, key=lambda record: len(record.query) + len(record.trace))[:12]
+    return str(model_dir), dataset.model_copy(update={"train": shortest, "validation": []})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) launch; tests/gpu covers CUDA")

@@ -31,11 +31,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
     from transformers import TrainerCallback
 
     # Initialise the process group now, before the model loads: it makes this rank's GPU the
-    # current device, which is where `load_base_model` puts the 4-bit weights.
-    state = PartialState()
+    # current device, which is where `load_base_model` puts the 4-bit weights. PartialState does
+    # not read ACCELERATE_USE_CPU itself; without it a CPU rank would believe it runs alone.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+        raise RuntimeError(f"rank setup ({state.num_processes} processes) does not match the launch ({os.environ['WORLD_SIZE']})")
     dataset = SFTDataset.model_validate_json(args.dataset.read_text(encoding="utf-8"))
     recipe = TrainingRecipe.model_validate_json(args.recipe.read_text(encoding="utf-8"))
     output_dir = args.out if state.is_main_process else args.out / f"rank-{state.process_index}"
