@@ -33,3 +33,20 @@ class LoraAdapter:
 def write_metadata(path: Path, metadata: dict[str, Any]) -> LoraAdapter:
     (path / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     return LoraAdapter(path)
+
+
+def save_adapter(trainer: Any, adapter_dir: Path) -> None:
+    """Write the trained LoRA weights to `adapter_dir`, from whatever holds them.
+
+    Under FSDP each rank holds a shard, so every rank must take part in gathering the full state
+    dict, and only rank 0 writes it. Otherwise (one process, or DDP where each rank holds the
+    whole model) the model saves itself.
+    """
+    if getattr(trainer, "is_fsdp_enabled", False):
+        accelerator = trainer.accelerator
+        state_dict = accelerator.get_state_dict(trainer.model_wrapped)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(trainer.model).save_pretrained(adapter_dir, state_dict=state_dict)
+        accelerator.wait_for_everyone()
+    else:
+        trainer.model.save_pretrained(adapter_dir)

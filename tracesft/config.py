@@ -32,6 +32,20 @@ class DatasetSettings(_Settings):
     seed: int = 42
 
 
+class DistributedSettings(_Settings):
+    """How many processes (one per GPU) train, and how they share the model.
+
+    `ddp`: data-parallel QLoRA, every rank holds the whole 4-bit base (fastest while it fits on one
+    card). `fsdp_qlora`: the 4-bit weights are stored in bf16 and sharded with FSDP (for bases that
+    do not fit one card). The global batch is per-device batch x processes x gradient accumulation;
+    with one process training runs in the step's own process, exactly as without this section.
+    """
+
+    num_processes: int = Field(1, ge=1)
+    strategy: Literal["ddp", "fsdp_qlora"] = "ddp"
+    main_process_port: int | None = Field(None, gt=0, lt=65536)  # None: a free port is picked
+
+
 class TrainingRecipe(_Settings):
     """The seed recipe: QLoRA (NF4, double quantisation, bf16 compute) with LoRA on all projections.
 
@@ -62,6 +76,7 @@ class TrainingRecipe(_Settings):
     report_to: list[Literal["wandb"]] = Field(default_factory=list)
     wandb_project: str = "corr2cause-sft"
     wandb_run_name: str = "sft-lora-4bit"
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
 
 
 class QualitySettings(_Settings):

@@ -30,6 +30,8 @@ def quantization_config(recipe: TrainingRecipe) -> Any | None:
         bnb_4bit_quant_type=recipe.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=recipe.use_double_quant,
         bnb_4bit_compute_dtype=torch.bfloat16,
+        # FSDP shards only floating-point tensors: FSDP-QLoRA packs the 4-bit weights in bf16.
+        bnb_4bit_quant_storage=torch.bfloat16 if recipe.distributed.strategy == "fsdp_qlora" else torch.uint8,
     )
 
 
@@ -56,7 +58,8 @@ def load_base_model(base_model: str, recipe: TrainingRecipe, revision: str | Non
             trust_remote_code=False,
             quantization_config=quantization,
             dtype=torch.bfloat16 if uses_cuda() else torch.float32,
-            device_map={"": 0} if uses_cuda() else None,
+            # Each rank of a multi-GPU run has set its own GPU as the current device.
+            device_map={"": torch.cuda.current_device()} if uses_cuda() else None,
         )
     except (OSError, ValueError) as err:
         raise _load_error(base_model, err) from None

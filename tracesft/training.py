@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tracesft.adapter import LoraAdapter, write_metadata
+from tracesft.adapter import LoraAdapter, save_adapter, write_metadata
 from tracesft.config import TrainingRecipe
 from tracesft.modeling import load_base_model, load_tokenizer, uses_cuda
 from tracesft.prompting import build_completion, build_prompt
@@ -110,7 +110,7 @@ def train_lora(
     eval_loss = trainer.evaluate()["eval_loss"] if validation is not None else None
 
     adapter_dir = output_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
+    save_adapter(trainer, adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
     summary = TrainingSummary(
         train_loss=result.training_loss,
