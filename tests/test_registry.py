@@ -14,9 +14,11 @@ import pytest
 from tracesft.adapter import METADATA_FILE, LoraAdapter, write_metadata
 from tracesft.cli import main
 from tracesft.config import RegistrySettings, load_run_config
+from tracesft.prompting import prompt_template
 from tracesft.registry import (
     CHALLENGER,
     CHAMPION,
+    PROMPT_TEMPLATE_FILE,
     decide_promotion,
     list_versions,
     promote_if_better,
@@ -112,7 +114,7 @@ def make_adapter(root: Path, name: str, **metadata: Any) -> LoraAdapter:
     (path / "adapter_config.json").write_text(
         json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]})
     )
-    (path / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    (path / "adapter_model.safetensors").write_bytes(name.encode().ljust(64, b"\x00"))  # distinct content per name
     return write_metadata(path, {"base_model": "tiny-base", "traces_content_hash": "ab" * 32, **metadata})
 
 
@@ -191,8 +193,9 @@ def test_registered_artifacts_are_the_adapter_files(registry: dict[str, Any]) ->
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{registry['root']}/mlflow.db")
         local = Path(download_artifacts(artifact_uri=first["registered"].source, dst_path=str(registry["root"] / "dl")))
     adapter: LoraAdapter = first["adapter"]
-    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in adapter.files())
+    assert sorted(p.name for p in local.iterdir()) == sorted([PROMPT_TEMPLATE_FILE] + [p.name for p in adapter.files()])
     assert json.loads((local / METADATA_FILE).read_text()) == adapter.metadata
+    assert json.loads((local / PROMPT_TEMPLATE_FILE).read_text()) == prompt_template()
     # With a sqlite store the artifacts sit beside the database, not in the working directory's mlruns/.
     assert (registry["root"] / "mlartifacts").is_dir()
     assert not (registry["root"] / "mlruns").exists()
