@@ -9,7 +9,7 @@ data's bytes rather than to file names.
 
 from typing import Optional
 
-from zenml import pipeline
+from zenml import Model, pipeline
 
 import materializers  # noqa: F401  (registers the LoraAdapter materializer)
 from steps import (
@@ -28,7 +28,11 @@ from tracesft.ingest import content_hash
 from tracesft.eval_set import eval_set_hash
 
 
-@pipeline(enable_cache=True)
+# Each run gets a version of this ZenML model (the Model Control Plane): the register and promote
+# steps log lineage, scores and the gate's decision on it and set its stage. The name follows
+# `registry.model_name`: `pipelines.run` passes it, and a run configuration's `model:` sets it
+# for `zenml pipeline run`.
+@pipeline(enable_cache=True, model=Model(name=RegistrySettings().model_name))
 def sft_pipeline(
     traces: list[str],
     eval_set: str,
