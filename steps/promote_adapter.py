@@ -16,7 +16,8 @@ def promote_adapter(
     pipeline's ZenML model version goes to `production` if it did, `staging` if not."""
     decision = promote_if_better(version, eval_metrics(base_report, tuned_report), registry)
     model = get_step_context().model
-    set_stage(model.name, str(model.id), stage_for(decision.promoted))
+    holds_champion = decision.promoted or decision.champion_version == decision.version  # a reused version may hold it already
+    set_stage(model.name, str(model.id), stage_for(holds_champion))
     log_metadata({"promoted": decision.promoted, "reason": decision.reason})
     log_metadata({"promotion": decision.model_dump()}, infer_model=True)
     return decision
