@@ -9,7 +9,7 @@ data's bytes rather than to file names.
 
 from typing import Optional
 
-from zenml import pipeline
+from zenml import Model, pipeline
 
 import materializers  # noqa: F401  (registers the LoraAdapter materializer)
 from steps import (
@@ -37,7 +37,11 @@ from tracesft.ingest import content_hash
 from tracesft.eval_set import eval_set_hash
 
 
-@pipeline(enable_cache=True)
+# Each run gets a version of this ZenML model (the Model Control Plane): the register and promote
+# steps log lineage, scores and the gate's decision on it and set its stage. The name follows
+# `registry.model_name`: `pipelines.run` passes it, and a run configuration's `model:` sets it
+# for `zenml pipeline run`.
+@pipeline(enable_cache=True, model=Model(name=RegistrySettings().model_name))
 def sft_pipeline(
     traces: list[str],
     eval_set: str,
@@ -67,7 +71,7 @@ def sft_pipeline(
     tuned_report = evaluate_model(
         problems, base_model, base_model_revision, evaluation, training, adapter, validation, id="evaluate_finetuned"
     )
-    # The gate's evidence: model_comparison.f1_difference (.low/.high/.observed), also in MLflow.
-    _comparison, _report_page = compare_models(base_report, tuned_report, adapter, evaluation, registry)
+    # The gate's evidence: the paired bootstrap interval of the F1 difference, also in MLflow.
+    comparison, _report_page = compare_models(base_report, tuned_report, adapter, evaluation, registry)
     version = register_adapter(adapter, base_report, tuned_report, eval_hash, registry)
-    promote_adapter(version, base_report, tuned_report, registry)
+    promote_adapter(version, base_report, tuned_report, comparison, registry)

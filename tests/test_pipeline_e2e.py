@@ -105,8 +105,23 @@ def test_first_run_registers_a_challenger_with_lineage(workspace, tracking_uri, 
     assert tags["zenml_pipeline"] == "sft_pipeline" and tags["zenml_run_name"] == summary["run"]
     assert {"base_f1", "finetuned_f1", "finetuned_parse_failure_rate", "final_train_loss"} <= set(version["metrics"])
     assert not (root / "never-used.db").exists()
+    assert tags["zenml_run_url"] == "local store"  # the test's ZenML store has no server
+    assert len(tags["run_config_hash"]) == 64 and tags["git_commit"]
+    assert tags["train_examples"].isdigit() and tags["adapter_content_hash"]
     decision = summary["promotion"]
     assert decision["promoted"] == (decision["finetuned_f1"] > decision["base_f1"])
+
+    # The ZenML Model Control Plane tells the same story as the registry.
+    from zenml.client import Client
+
+    model_version = Client().get_pipeline_run(summary["run"]).model_version
+    assert model_version.model.name == MODEL_NAME
+    assert tags["zenml_model_version_id"] == str(model_version.id)
+    assert model_version.stage == ("production" if decision["promoted"] else "staging")
+    metadata = model_version.run_metadata
+    assert metadata["promotion"]["reason"] == decision["reason"]
+    assert metadata["lineage"]["traces_content_hash"] == tags["traces_content_hash"]
+    assert metadata["metrics"]["finetuned_f1"] == decision["finetuned_f1"]
 
 
 def test_unchanged_inputs_are_served_from_cache(workspace, tracking_uri, capfd):

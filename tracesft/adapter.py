@@ -7,6 +7,7 @@ the adapter config), the tokenizer files (so the chat template travels with the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,21 @@ class LoraAdapter:
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files())
+
+    def content_hash(self) -> str:
+        """SHA-256 over the files that make the model (weights, adapter config, tokenizer).
+
+        The lineage file is left out: it records when and by which run the adapter was made, so
+        two trainings that produce byte-identical weights hash the same and the registry keeps
+        one version for them.
+        """
+        digest = hashlib.sha256()
+        for path in self.files():
+            relative = path.relative_to(self.path).as_posix()
+            if relative == METADATA_FILE:
+                continue
+            digest.update(relative.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+        return digest.hexdigest()
 
 
 def write_metadata(path: Path, metadata: dict[str, Any]) -> LoraAdapter:

@@ -79,14 +79,32 @@ def _parser() -> argparse.ArgumentParser:
     solve.add_argument("csv", type=Path)
     solve.add_argument("--json", action="store_true")
 
-    adapters = command("adapters", lambda _: parser.error("adapters needs a subcommand"), "Inspect the adapter registry.")
+    adapters = command("adapters", lambda _: parser.error("adapters needs a subcommand"), "Inspect the adapter registry, promote, roll back, export.")
     adapter_commands = adapters.add_subparsers(required=True, metavar="SUBCOMMAND")
     listing = adapter_commands.add_parser("list", help="every registered version, newest first")
     listing.set_defaults(handler=_adapters_list)
     show = adapter_commands.add_parser("show", help="one registered version")
     show.add_argument("version")
     show.set_defaults(handler=_adapters_show)
-    for sub in (listing, show):
+    promote = adapter_commands.add_parser(
+        "promote", help="make VERSION champion (refused without a completed evaluation or for another base model)"
+    )
+    promote.add_argument("version")
+    promote.add_argument("--force", action="store_true", help="promote even without evaluation or across base models")
+    promote.add_argument("--reason", default="", help="why, for the champion history")
+    promote.set_defaults(handler=_adapters_promote)
+    rollback = adapter_commands.add_parser("rollback", help="give champion back to the version that held it before")
+    rollback.add_argument("--reason", default="", help="why, for the champion history")
+    rollback.set_defaults(handler=_adapters_rollback)
+    history = adapter_commands.add_parser("history", help="every change of champion, oldest first")
+    history.set_defaults(handler=_adapters_history)
+    export = adapter_commands.add_parser("export", help="write base + adapter merged into one model for serving")
+    export.add_argument("version", help="a version number or an alias (champion, challenger)")
+    export.add_argument("--merged", type=Path, required=True, metavar="OUT", help="a new directory for the merged model")
+    export.add_argument("--base-model", default=None, help="the base model here, if not where the adapter records it")
+    export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    export.set_defaults(handler=_adapters_export)
+    for sub in (listing, show, promote, rollback, history, export):
         sub.add_argument("--config", type=Path, default=None)
         sub.add_argument("--json", action="store_true")
     return parser
@@ -262,6 +280,62 @@ def _adapters_show(args: argparse.Namespace) -> int:
     if not match:
         raise TracesftError(f"{settings.model_name} has no version {args.version!r}; see `tracesft adapters list`.")
     print(json.dumps(match[0], indent=2, default=str) if args.json else _pretty(match[0]))
+    return 0
+
+
+def _adapters_promote(args: argparse.Namespace) -> int:
+    from tracesft.registry import promote_version
+
+    settings = load_run_config(args.config).registry
+    change = promote_version(settings, args.version, force=args.force, reason=args.reason)
+    return _report_change(settings, change, args.json)
+
+
+def _adapters_rollback(args: argparse.Namespace) -> int:
+    from tracesft.registry import rollback_champion
+
+    settings = load_run_config(args.config).registry
+    return _report_change(settings, rollback_champion(settings, reason=args.reason), args.json)
+
+
+def _report_change(settings, change, as_json: bool) -> int:
+    from tracesft.control_plane import mirror_champion
+    from tracesft.registry import list_versions
+
+    tags = next((row["tags"] for row in list_versions(settings) if row["version"] == change.version), {})
+    mirrored = mirror_champion(tags)
+    if as_json:
+        print(json.dumps(change.model_dump() | {"name": settings.model_name, "zenml": mirrored}, indent=2))
+    else:
+        print(f"{settings.model_name}: champion is now version {change.version} "
+              f"(was {change.previous or 'none'}; {change.action}{', forced' if change.forced else ''}: {change.reason}).")
+        print(mirrored)
+    return 0
+
+
+def _adapters_history(args: argparse.Namespace) -> int:
+    from tracesft.registry import champion_history
+
+    history = champion_history(load_run_config(args.config).registry)
+    if args.json:
+        print(json.dumps([change.model_dump() for change in history], indent=2))
+    elif not history:
+        print("No champion yet.")
+    for change in [] if args.json else history:
+        print(f"#{change.seq} {change.time}  {change.action:<8} v{change.previous or '-'} -> v{change.version}"
+              f"{'  (forced)' if change.forced else ''}  {change.reason}")
+    return 0
+
+
+def _adapters_export(args: argparse.Namespace) -> int:
+    from tracesft.serving import export_registered_merged
+
+    settings = load_run_config(args.config).registry
+    out = export_registered_merged(settings, args.version, args.merged, args.base_model, args.dtype)
+    if args.json:
+        print(json.dumps({"name": settings.model_name, "version": args.version, "merged": str(out), "dtype": args.dtype}))
+    else:
+        print(f"Merged {settings.model_name} {args.version} ({args.dtype}) into {out}")
     return 0
 
 
