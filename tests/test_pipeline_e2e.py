@@ -137,7 +137,9 @@ def test_a_new_trace_file_reruns_from_ingest(workspace, tracking_uri, capfd):
     root, config = workspace
     jsonl = next((root / ".tracesft" / "traces").glob("*.jsonl"))
     first = json.loads(jsonl.read_text().splitlines()[0])
-    first["question"] = first["question"].replace("Hypothesis:", "Hypothesis (restated):")
+    # A second, differently worded trace of a problem already there: it passes verification,
+    # so the training data (and with it the adapter) changes.
+    first["reasoning"] = "Restating the problem before reasoning about it.\n\n" + first["reasoning"]
     (jsonl.parent / "gpt4o_corr2cause_run3.jsonl").write_text(json.dumps(first) + "\n")
 
     summary = _run(config, capfd)
