@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from tracesft.config import embedded_config_path, load_run_config
+from tracesft.config import TrainingRecipe, embedded_config_path, load_run_config, with_training_overrides
 from tracesft.errors import TracesftError
 from tracesft.tracking import STATE_DIR
 
@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     run = command("run", _run, "Run the pipeline with a run configuration (ZenML run-config YAML).")
     run.add_argument("--config", type=Path, default=None, help="run configuration (default: the embedded one)")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    recipe_flags = run.add_argument_group("training recipe (overrides the configuration's `training:`)")
+    for name, field in TrainingRecipe.model_fields.items():
+        recipe_flags.add_argument(f"--{name}", dest=f"recipe_{name}", metavar=_metavar(field.annotation),
+                                  help=f"default {field.get_default(call_default_factory=True)!r}")
 
     tiny = command("tiny-model", _tiny_model, "Build the tiny random-weight Qwen2 model and tokenizer into DIR.")
     tiny.add_argument("dir", type=Path)
@@ -76,8 +80,20 @@ def _demo(args: argparse.Namespace) -> int:
     return _run_and_report(embedded_config_path(), args.json)
 
 
+def _metavar(annotation: object) -> str:
+    text = str(annotation)
+    for kind, metavar in (("list", "A,B,..."), ("bool", "true|false"), ("int", "INT"), ("float", "FLOAT")):
+        if kind in text:
+            return metavar
+    return "VALUE"
+
+
 def _run(args: argparse.Namespace) -> int:
     config = args.config or embedded_config_path()
+    overrides = {name: getattr(args, f"recipe_{name}") for name in TrainingRecipe.model_fields
+                 if getattr(args, f"recipe_{name}") is not None}
+    if overrides:
+        config = with_training_overrides(config, overrides, STATE_DIR / "run-configs")
     load_run_config(config)  # fail fast, with a clear message, before ZenML starts
     return _run_and_report(config, args.json)
 

@@ -58,6 +58,11 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], settings: EvalSetti
     return outputs
 
 
+def is_full_model(path: Path) -> bool:
+    """A fully fine-tuned model's directory (weights + config), as opposed to a LoRA adapter's."""
+    return not (Path(path) / "adapter_config.json").exists() and (Path(path) / "config.json").exists()
+
+
 def evaluate(
     base_model: str,
     problems: list[EvalProblem],
@@ -67,8 +72,11 @@ def evaluate(
     revision: str | None = None,
 ) -> EvalReport:
     tokenizer = load_tokenizer(base_model, revision)
-    model = load_base_model(base_model, recipe, revision)
-    if adapter_path is not None:
+    if adapter_path is not None and is_full_model(adapter_path):  # trained with use_lora: false
+        model = load_base_model(str(adapter_path), recipe)
+    else:
+        model = load_base_model(base_model, recipe, revision)
+    if adapter_path is not None and not is_full_model(adapter_path):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_path))
