@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,21 @@ def checkpoint_directory(recipe: TrainingRecipe, base_model: str, revision: str 
     return Path(recipe.checkpoint_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def train_lora(
+@dataclass
+class PreparedTraining:
+    """An `SFTTrainer` ready to train, and what the summary reports about how it was set up."""
+
+    trainer: Any
+    tokenizer: Any
+    checkpoints: Path
+    packed_row_length: int | None
+    quantized: bool
+    optimizer: str
+    train_examples: int
+    validation_examples: int
+
+
+def prepare_training(
     dataset: SFTDataset,
     base_model: str,
     recipe: TrainingRecipe,
@@ -94,11 +109,10 @@ def train_lora(
     revision: str | None = None,
     callbacks: list[Any] | None = None,
     checkpoint_dir: Path | None = None,
-) -> tuple[LoraAdapter, TrainingSummary]:
-    """Train and save the adapter (or, with `use_lora: false`, the whole model) under `output_dir`."""
+) -> PreparedTraining:
+    """Tokenize, plan the packed rows, load the model and build the trainer; nothing is trained yet."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = load_tokenizer(base_model, revision)
@@ -174,11 +188,30 @@ def train_lora(
         peft_config=lora if recipe.use_lora else None,
         callbacks=callbacks,
     )
+    return PreparedTraining(trainer, tokenizer, checkpoints, row_length, quantized, optimizer,
+                            len(train_rows), len(validation_rows))
+
+
+def train_lora(
+    dataset: SFTDataset,
+    base_model: str,
+    recipe: TrainingRecipe,
+    output_dir: Path,
+    revision: str | None = None,
+    callbacks: list[Any] | None = None,
+    checkpoint_dir: Path | None = None,
+) -> tuple[LoraAdapter, TrainingSummary]:
+    """Train, resuming from the last checkpoint if one is there, and save the adapter (or, with
+    `use_lora: false`, the whole model) under `output_dir / "adapter"`."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    prepared = prepare_training(dataset, base_model, recipe, output_dir, revision, callbacks, checkpoint_dir)
+    trainer, tokenizer, checkpoints = prepared.trainer, prepared.tokenizer, prepared.checkpoints
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume:
         logger.info("Resuming from %s.", resume)
     result = trainer.train(resume_from_checkpoint=resume)
-    eval_loss = trainer.evaluate()["eval_loss"] if validation is not None else None
+    eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
 
     adapter_dir = output_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir)
@@ -188,12 +221,12 @@ def train_lora(
         eval_loss=None if eval_loss is None or math.isnan(eval_loss) else float(eval_loss),
         global_steps=result.global_step,
         train_runtime_s=result.metrics["train_runtime"],
-        train_examples=len(train_rows),
-        validation_examples=len(validation_rows),
-        quantized_4bit=quantized,
-        optimizer=optimizer,
+        train_examples=prepared.train_examples,
+        validation_examples=prepared.validation_examples,
+        quantized_4bit=prepared.quantized,
+        optimizer=prepared.optimizer,
         full_fine_tuning=not recipe.use_lora,
-        packed_row_length=row_length,
+        packed_row_length=prepared.packed_row_length,
         resumed_from=resume,
     )
     adapter = write_metadata(
