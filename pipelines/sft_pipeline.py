@@ -14,9 +14,11 @@ from zenml import pipeline
 import materializers  # noqa: F401  (registers the LoraAdapter materializer)
 from steps import (
     build_sft_dataset,
+    compare_models,
     evaluate_model,
     ingest_traces,
     load_eval_problems,
+    load_validation_problems,
     promote_adapter,
     register_adapter,
     train_adapter,
@@ -46,10 +48,15 @@ def sft_pipeline(
     quality, _view = validate_traces(verified, base_model, base_model_revision, training.max_seq_length, eval_set)
     sft_dataset, _summary = build_sft_dataset(verified, quality, dataset)
     adapter = train_adapter(sft_dataset, base_model, base_model_revision, training, registry)
-    problems = load_eval_problems(eval_set, eval_hash, sft_dataset)
-    base_report = evaluate_model(problems, base_model, base_model_revision, evaluation, training, id="evaluate_base")
-    tuned_report = evaluate_model(
-        problems, base_model, base_model_revision, evaluation, training, adapter, id="evaluate_finetuned"
+    problems = load_eval_problems(eval_set, eval_hash, sft_dataset, evaluation)
+    validation = load_validation_problems(sft_dataset)
+    base_report = evaluate_model(
+        problems, base_model, base_model_revision, evaluation, training, validation=validation, id="evaluate_base"
     )
+    tuned_report = evaluate_model(
+        problems, base_model, base_model_revision, evaluation, training, adapter, validation, id="evaluate_finetuned"
+    )
+    # The gate's evidence: model_comparison.f1_difference (.low/.high/.observed), also in MLflow.
+    _comparison, _report_page = compare_models(base_report, tuned_report, adapter, evaluation, registry)
     version = register_adapter(adapter, base_report, tuned_report, eval_hash, registry)
     promote_adapter(version, base_report, tuned_report, registry)

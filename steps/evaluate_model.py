@@ -16,11 +16,26 @@ def evaluate_model(
     settings: EvalSettings,
     recipe: TrainingRecipe,
     adapter: LoraAdapter | None = None,
+    validation: list[EvalProblem] | None = None,
 ) -> Annotated[EvalReport, "eval_report"]:
-    """Score the base (no adapter) or the fine-tuned model on the same problems."""
+    """Score the base (no adapter) or the fine-tuned model on the same problems (and their renamed
+    and validation-split companions)."""
     report = evaluate(
-        base_model, problems, settings, recipe, adapter.path if adapter is not None else None, base_model_revision
+        base_model,
+        problems,
+        settings,
+        recipe,
+        adapter.path if adapter is not None else None,
+        base_model_revision,
+        validation,
     )
     scores = report.scores
-    log_metadata({"model": report.model, "f1": scores.f1, "accuracy": scores.accuracy, "parse_failure_rate": scores.parse_failure_rate})
+    metadata = {"model": report.model, "f1": scores.f1, "accuracy": scores.accuracy, "parse_failure_rate": scores.parse_failure_rate}
+    if report.robustness_f1_drop is not None:
+        metadata["robustness_f1_drop"] = report.robustness_f1_drop
+    if report.validation is not None:
+        metadata["validation_f1"] = report.validation.scores.f1
+    if report.generation is not None:
+        metadata |= report.generation.model_dump()
+    log_metadata(metadata)
     return report

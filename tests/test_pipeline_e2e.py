@@ -30,6 +30,7 @@ def workspace(tmp_path_factory):
     parameters["eval_set"] = str(state / "eval" / "corr2cause_eval.csv")
     parameters["base_model"] = str(state / "tiny-model")
     parameters["registry"] |= {"tracking_uri": "sqlite:///never-used.db", "model_name": MODEL_NAME}
+    parameters["evaluation"]["cache_dir"] = str(root / "eval-cache")  # not the user's .tracesft/
     config = root / "run.yaml"
     config.write_text(yaml.safe_dump(document))
     return root, config

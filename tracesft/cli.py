@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
 
     command("parse-answer", _parse_answer, "Read one model output on stdin; print yes, no or none.")
 
+    score = command("score", _score, "Score raw model outputs (JSONL: input, output) against a Corr2Cause CSV.")
+    score.add_argument("--gold", type=Path, required=True, help="Corr2Cause CSV: input,label,num_variables,template")
+    score.add_argument("--predictions", type=Path, required=True, help="JSONL, one {\"input\": ..., \"output\": ...} a line")
+    score.add_argument("--allow-missing", action="store_true", help="score only the gold problems that have a prediction")
+    score.add_argument("--json", action="store_true")
+
     verify = command("verify-traces", _verify_traces, "Verify GPT result files; count kept and rejected traces.")
     verify.add_argument("files", nargs="+")
     verify.add_argument("--config", type=Path, default=None, help="for its field_map")
@@ -146,6 +152,21 @@ def _parse_answer(args: argparse.Namespace) -> int:
     from tracesft.answers import extract_answer
 
     print(extract_answer(sys.stdin.read()))
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from tracesft.scoring import score_file
+
+    report = score_file(args.gold, args.predictions, args.allow_missing)
+    if args.json:
+        print(json.dumps(report.model_dump(), indent=2))
+        return 0
+    print(f"{report.n} problems: F1 {report.f1:.3f}, precision {report.precision:.3f}, recall {report.recall:.3f}, "
+          f"accuracy {report.accuracy:.3f}, parse failures {report.parse_failure_rate:.1%}")
+    for title, groups in (("template", report.by_template), ("variables", report.by_num_variables)):
+        for name, scores in groups.items():
+            print(f"  {title} {name}: n {scores.n}, F1 {scores.f1:.3f}, accuracy {scores.accuracy:.3f}")
     return 0
 
 

@@ -90,6 +90,22 @@ class EvalSettings(_Settings):
     do_sample: bool = False
     temperature: float = Field(0.6, gt=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
+    seed: int = 0  # sampling and bootstrap seed
+    # A seeded sample of the eval set, stratified by template × label; None scores all of it.
+    sample_size: int | None = Field(None, gt=0)
+    sample_seed: int = 0
+    validation_split: bool = True  # also score the traces' validation split
+    renamed_variables: bool = True  # also score the eval set with variables renamed A→Z, B→Y, …
+    # Per-example generations are cached here, so an interrupted evaluation resumes; None: off.
+    cache_dir: str | None = ".tracesft/eval-cache"
+    # On CUDA: dequantise the NF4 base to bf16 and merge the adapter into it, then decode with a
+    # static KV cache (compiled by transformers). Off: the seed's NF4 base + unmerged adapter.
+    # Off by default: on the 32B architecture its teacher-forced logits have not yet been shown
+    # to match the unmerged path within 2e-2 (BENCHMARKS.md), and promotion rests on these scores.
+    fast_inference: bool = False
+    pad_to_multiple_of: int = Field(64, gt=0)  # prompt-length buckets, so compiled shapes repeat
+    bootstrap_resamples: int = Field(10_000, gt=0)
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
 
 
 class RegistrySettings(_Settings):

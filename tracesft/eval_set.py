@@ -2,18 +2,25 @@
 
 Format: `input,label,num_variables,template`, as in the released test split. Problems also seen
 in training are excluded before scoring, so a fine-tuned model is never credited for recall.
+A full test split costs hours of generation, so a seeded sample stratified by template and label
+keeps the mix of the full set at a fraction of the cost. The traces' own validation split is a
+second eval set: problems of the teacher's distribution the adapter never trained on.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import random
+import re
+from collections import defaultdict
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from tracesft.errors import TracesftError
-from tracesft.sft_dataset import normalize_query
+from tracesft.sft_dataset import SFTDataset, normalize_query
+from tracesft.variable_renaming import rename_variables
 
 EVAL_COLUMNS = ("input", "label", "num_variables", "template")
 
@@ -72,3 +79,71 @@ def eval_set_hash(path: str | Path) -> str:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except FileNotFoundError:
         raise TracesftError(f"{path}: eval set not found (check the `eval_set` setting).") from None
+
+
+def stratified_sample(problems: list[EvalProblem], size: int, seed: int) -> list[EvalProblem]:
+    """`size` problems drawn without replacement, each template × label stratum in proportion.
+
+    Strata get their rounded-down share first, and the seats left go to the strata with the
+    largest remainders (ties broken by the seeded shuffle), so the sample has exactly `size`
+    problems and its mix matches the full set's as closely as whole numbers allow. The result
+    keeps the CSV's row order.
+    """
+    if size >= len(problems):
+        return list(problems)
+    rng = random.Random(seed)
+    strata: dict[tuple[str, int], list[EvalProblem]] = defaultdict(list)
+    for problem in problems:
+        strata[(problem.template, problem.label)].append(problem)
+    keys = sorted(strata)
+    rng.shuffle(keys)
+    quotas = {key: size * len(strata[key]) / len(problems) for key in keys}
+    seats = {key: int(quotas[key]) for key in keys}
+    for key in sorted(keys, key=lambda k: quotas[k] - seats[k], reverse=True)[: size - sum(seats.values())]:
+        seats[key] += 1
+    chosen = [p for key in keys for p in rng.sample(strata[key], seats[key])]
+    return sorted(chosen, key=lambda p: p.row)
+
+
+# Corr2Cause writes each relation template's hypothesis in one fixed wording. "X directly causes
+# Y" serves both the parent and the child template, so those two cannot be told apart from text.
+_TEMPLATE_WORDING = [
+    (re.compile(r"There exists at least one collider\b"), "has_collider"),
+    (re.compile(r"There exists at least one confounder\b"), "has_confounder"),
+    (re.compile(r"\b[A-Z] causes something else which causes [A-Z]\b"), "non-parent ancestor"),
+    (re.compile(r"\b[A-Z] is a cause for [A-Z], but not a direct one\b"), "non-child descendant"),
+    (re.compile(r"\b[A-Z] directly causes [A-Z]\b"), "parent or child"),
+]
+_NUM_VARIABLES = re.compile(r"closed system of (\d+) variables?")
+
+
+def validation_problems(dataset: SFTDataset) -> list[EvalProblem]:
+    """The SFT validation split as eval problems, one per distinct query.
+
+    Trace records carry the query and the gold label only; the template and number of variables
+    the breakdowns need are read from the query's fixed wording ("unknown" / 0 where it has none).
+    `row` numbers the distinct queries in their order in the split.
+    """
+    problems: dict[str, EvalProblem] = {}
+    for record in dataset.validation:
+        key = normalize_query(record.query)
+        if key in problems:
+            continue
+        hypothesis = record.query.rsplit("Hypothesis:", 1)[-1]
+        template = next((name for pattern, name in _TEMPLATE_WORDING if pattern.search(hypothesis)), "unknown")
+        count = _NUM_VARIABLES.search(record.query)
+        problems[key] = EvalProblem(
+            query=record.query,
+            label=record.gold,
+            num_variables=int(count[1]) if count else 0,
+            template=template,
+            row=len(problems),
+        )
+    return list(problems.values())
+
+
+def renamed_problems(problems: list[EvalProblem], source: str = "eval set") -> list[EvalProblem]:
+    """The same problems with their variables renamed A→Z, B→Y, … (see `variable_renaming`)."""
+    return [
+        p.model_copy(update={"query": rename_variables(p.query, where=f"{source} (data row {p.row})")}) for p in problems
+    ]

@@ -1,23 +1,35 @@
 """Scoring a model (the base, or the base plus an adapter) on Corr2Cause problems.
 
-Generation uses the same prompt as training (`build_prompt`), greedy by default, in batches of
-similar prompt lengths so little compute goes to padding.
+Generation uses the same prompt as training (`build_prompt`), greedy by default. One call scores
+up to three sets, generated together so batches stay full: the eval set itself (what the gate
+reads), the same problems with their variables renamed (robustness), and the traces' validation
+split. Outputs are cached per example, so a rerun after an interruption only finishes the job.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from tracesft.answers import Answer, extract_answer
 from tracesft.config import EvalSettings, TrainingRecipe
-from tracesft.eval_set import EvalProblem
+from tracesft.eval_set import EvalProblem, renamed_problems
+from tracesft.generation import (
+    GenerationCache,
+    GenerationStats,
+    cache_key,
+    generate_in_batches,
+    generation_signature,
+    hf_batch_generator,
+)
+from tracesft.inference import directory_fingerprint, engine_name, load_for_inference, model_identity
 from tracesft.metrics import ScoreReport, score_report
-from tracesft.modeling import load_base_model, load_tokenizer
+from tracesft.modeling import load_tokenizer
 from tracesft.prompting import build_prompt
+
+TEST, RENAMED, VALIDATION = "test", "renamed", "validation"
 
 
 class Prediction(BaseModel):
@@ -27,40 +39,36 @@ class Prediction(BaseModel):
     num_variables: int
     output: str
     answer: Answer
+    input: str = ""  # the problem as shown to the model (renamed variables in the robustness set)
 
 
-class EvalReport(BaseModel):
-    model: str  # "base" or "fine-tuned"
+class SetResult(BaseModel):
     scores: ScoreReport
     predictions: list[Prediction]
 
 
-def generate(model: Any, tokenizer: Any, prompts: list[str], settings: EvalSettings) -> list[str]:
-    """Completions for `prompts`, in their order, batched longest-first."""
-    tokenizer.padding_side = "left"
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    outputs: list[str] = [""] * len(prompts)
-    sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
-    for start in range(0, len(order), settings.batch_size):
-        batch = order[start : start + settings.batch_size]
-        inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model.device)
-        with torch.inference_mode():
-            generated = model.generate(
-                **inputs,
-                max_new_tokens=settings.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                **(sampling if settings.do_sample else {"do_sample": False}),
-            )
-        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-        for index, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-            outputs[index] = text
-    return outputs
+class EvalReport(BaseModel):
+    model: str  # "base" or "fine-tuned"
+    scores: ScoreReport  # on the eval set: what registration and the promotion gate read
+    predictions: list[Prediction]
+    renamed: SetResult | None = None  # the eval set with variables renamed A→Z, B→Y, …
+    validation: SetResult | None = None  # the traces' validation split
+    generation: GenerationStats | None = None
+
+    @computed_field
+    @property
+    def robustness_f1_drop(self) -> float | None:
+        """F1 on the eval set minus F1 on the renamed one: what renaming the variables costs."""
+        return None if self.renamed is None else self.scores.f1 - self.renamed.scores.f1
 
 
-def is_full_model(path: Path) -> bool:
-    """A fully fine-tuned model's directory (weights + config), as opposed to a LoRA adapter's."""
-    return not (Path(path) / "adapter_config.json").exists() and (Path(path) / "config.json").exists()
+def score_predictions(predictions: list[Prediction]) -> ScoreReport:
+    return score_report(
+        [p.label for p in predictions],
+        [p.answer for p in predictions],
+        [p.template for p in predictions],
+        [p.num_variables for p in predictions],
+    )
 
 
 def evaluate(
@@ -70,33 +78,62 @@ def evaluate(
     recipe: TrainingRecipe,
     adapter_path: Path | None = None,
     revision: str | None = None,
+    validation: list[EvalProblem] | None = None,
 ) -> EvalReport:
-    tokenizer = load_tokenizer(base_model, revision)
-    if adapter_path is not None and is_full_model(adapter_path):  # trained with use_lora: false
-        model = load_base_model(str(adapter_path), recipe)
-    else:
-        model = load_base_model(base_model, recipe, revision)
-    if adapter_path is not None and not is_full_model(adapter_path):
-        from peft import PeftModel
+    sets = {TEST: problems}
+    if settings.renamed_variables:
+        sets[RENAMED] = renamed_problems(problems)
+    if settings.validation_split and validation:
+        sets[VALIDATION] = validation
 
-        model = PeftModel.from_pretrained(model, str(adapter_path))
-    model.eval()
-    outputs = generate(model, tokenizer, [build_prompt(tokenizer, p.query) for p in problems], settings)
-    predictions = [
-        Prediction(
-            row=p.row,
-            label=p.label,
-            template=p.template,
-            num_variables=p.num_variables,
-            output=text,
-            answer=extract_answer(text),
-        )
-        for p, text in zip(problems, outputs)
-    ]
-    report = score_report(
-        [p.label for p in predictions],
-        [p.answer for p in predictions],
-        [p.template for p in predictions],
-        [p.num_variables for p in predictions],
+    tokenizer = load_tokenizer(base_model, revision)
+    model = load_for_inference(base_model, recipe, settings, adapter_path, revision)
+    engine = engine_name(recipe, settings)
+    flat = [(name, problem) for name, items in sets.items() for problem in items]
+    prompts = [build_prompt(tokenizer, problem.query) for _, problem in flat]
+    cache = GenerationCache(settings.cache_dir) if settings.cache_dir else None
+    identity = model_identity(base_model, revision)
+    adapter = directory_fingerprint(adapter_path) if adapter_path is not None else None
+    signature = generation_signature(settings, engine)
+    keys = [cache_key(identity, adapter, prompt, signature) for prompt in prompts]
+    from_cache = sum(1 for key in keys if cache is not None and cache.get(key) is not None)
+
+    if settings.do_sample:
+        torch.manual_seed(settings.seed)
+    label = "base" if adapter_path is None else "fine-tuned"
+    outputs, final_batch_size = generate_in_batches(
+        [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts],
+        hf_batch_generator(model, tokenizer, settings),
+        settings.batch_size,
+        keys=keys if cache is not None else None,
+        cache=cache,
+        description=f"evaluating {label}",
     )
-    return EvalReport(model="base" if adapter_path is None else "fine-tuned", scores=report, predictions=predictions)
+    predictions: dict[str, list[Prediction]] = {name: [] for name in sets}
+    for (name, problem), text in zip(flat, outputs):
+        predictions[name].append(
+            Prediction(
+                row=problem.row,
+                label=problem.label,
+                template=problem.template,
+                num_variables=problem.num_variables,
+                output=text,
+                answer=extract_answer(text),
+                input=problem.query,
+            )
+        )
+    extra = {name: SetResult(scores=score_predictions(p), predictions=p) for name, p in predictions.items() if name != TEST}
+    return EvalReport(
+        model=label,
+        scores=score_predictions(predictions[TEST]),
+        predictions=predictions[TEST],
+        renamed=extra.get(RENAMED),
+        validation=extra.get(VALIDATION),
+        generation=GenerationStats(
+            examples=len(prompts),
+            from_cache=from_cache,
+            generated=len(prompts) - from_cache,
+            final_batch_size=final_batch_size,
+            engine=engine,
+        ),
+    )
