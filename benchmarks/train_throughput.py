@@ -10,7 +10,8 @@ AdamW, and take an optimizer step every 8 examples (the seed's batch 1 x accumul
 - project: what `tracesft.training` runs on CUDA: the step's 8 examples packed into as few rows
   as `packing_length` allows (`tracesft.packing.packed_row_plan`, best-fit decreasing), attention
   kept inside each example (`tracesft.packing`, varlen flash kernel), Liger kernels (RMSNorm,
-  SwiGLU, RoPE, fused linear cross-entropy: the 152k-vocabulary logits are never materialised),
+  SwiGLU, RoPE, fused linear cross-entropy: the 152k-vocabulary logits are never materialised;
+  the pipeline gets that from TRL's own chunked LM head, which TRL uses in place of Liger's),
   LoRA weights in bf16 (as TRL sets them for a quantised base), no autocast.
 
 The weights are random (speed and memory do not depend on their values): the model is built on
