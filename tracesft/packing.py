@@ -15,10 +15,13 @@ example in turn. Without boundaries (generation, padded batches) it is plain SDP
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 VARLEN_ATTENTION = "tracesft_varlen"
 
@@ -71,9 +74,15 @@ def varlen_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
     cu_seq_lens, max_length = boundaries
+    out = None
     if q.is_cuda and _torch_varlen() is not None:
-        out = _torch_varlen()(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, scaling)
-    else:
+        try:
+            out = _torch_varlen()(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, scaling)
+        except (RuntimeError, TypeError, NotImplementedError) as err:  # a young API: fall back, once, loudly
+            global _VARLEN
+            _VARLEN = None
+            logger.warning("torch varlen attention failed (%s); using per-example SDPA instead.", err)
+    if out is None:
         out = _per_example_sdpa(q, k, v, cu_seq_lens, scaling)
     return out.unsqueeze(0), None
 
@@ -87,7 +96,11 @@ def _boundaries(kwargs: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
 
 
 def _per_example_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor, scaling: float | None) -> torch.Tensor:
-    starts = cu_seq_lens.tolist()
+    # Every layer sees the same boundaries tensor: read it to the host once per forward, not per layer.
+    starts = getattr(cu_seq_lens, "_host_starts", None)
+    if starts is None:
+        starts = cu_seq_lens.tolist()
+        cu_seq_lens._host_starts = starts
     outputs = []
     for start, end in zip(starts[:-1], starts[1:]):
         if end > start:
