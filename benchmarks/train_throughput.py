@@ -12,7 +12,8 @@ AdamW, and take an optimizer step every 8 examples (the seed's batch 1 x accumul
   kept inside each example (`tracesft.packing`, varlen flash kernel), Liger kernels (RMSNorm,
   SwiGLU, RoPE, fused linear cross-entropy: the 152k-vocabulary logits are never materialised;
   the pipeline gets that from TRL's own chunked LM head, which TRL uses in place of Liger's),
-  LoRA weights in bf16 (as TRL sets them for a quantised base), no autocast.
+  LoRA weights in bf16 (as TRL sets them for a quantised base), under the same bf16 autocast the
+  Trainer applies (with every weight already bf16, its casts are no-ops).
 
 The weights are random (speed and memory do not depend on their values): the model is built on
 the meta device and quantised layer by layer on the GPU in seconds (as in
@@ -198,7 +199,7 @@ def packed_row(examples: list[torch.Tensor]) -> dict[str, Any]:
 
 # --- the two paths ------------------------------------------------------------------------------------
 
-class Path_:
+class TrainingPath:
     """One way of running an optimizer step over 8 examples."""
 
     def __init__(self, name: str, model: Any, optimizer: torch.optim.Optimizer, autocast: bool,
@@ -254,7 +255,7 @@ def sync() -> None:
 DEADLINE = [math.inf]  # perf_counter time after which no measurement starts
 
 
-def measure(path: Path_, steps: list[list[torch.Tensor]]) -> dict[str, float]:
+def measure(path: TrainingPath, steps: list[list[torch.Tensor]]) -> dict[str, float]:
     """Warm up on the first step, then time the rest: real tokens/s and peak memory."""
     if time.perf_counter() > DEADLINE[0]:
         return {"tokens_per_s": float("nan"), "peak_gib": float("nan"), "skipped": "time budget spent"}
@@ -357,7 +358,7 @@ def main() -> int:
 
     # The seed's path first: Liger patches model classes for good, so it must come second.
     seed_model = with_lora(base, lora_dtype=None)
-    seed = Path_("seed", seed_model, optimizer_for(seed_model, tiny), autocast=not tiny, batches=seed_batches)
+    seed = TrainingPath("seed", seed_model, optimizer_for(seed_model, tiny), autocast=not tiny, batches=seed_batches)
     for kind in workloads:
         results[kind]["loss_seed"] = seed.loss(steps[kind][1])
         results[kind]["seed"] = measure(seed, steps[kind])
@@ -379,7 +380,7 @@ def main() -> int:
         except ImportError:
             print("liger-kernel not installed: the project path runs without it", flush=True)
     project_model = with_lora(base, lora_dtype=torch.bfloat16 if not tiny else None)
-    project = Path_("project", project_model, optimizer_for(project_model, tiny), autocast=False,
+    project = TrainingPath("project", project_model, optimizer_for(project_model, tiny), autocast=not tiny,
                     batches=project_batches(packing_length))
     for kind in workloads:
         results[kind]["loss_project"] = project.loss(steps[kind][1])
@@ -410,7 +411,7 @@ def main() -> int:
         "workloads": results,
         "project_path": {"packing_length": packing_length, "liger": liger,
                          "varlen_kernel": "torch.nn.attention.varlen" if (_torch_varlen() and not tiny) else "per-example sdpa",
-                         "lora_dtype": "bfloat16", "autocast": False, "gradient_checkpointing": "full"},
+                         "lora_dtype": "bfloat16", "autocast": "bfloat16", "gradient_checkpointing": "full"},
         "seed_path": {"batch": 1, "packing": False, "attention": "sdpa", "lora_dtype": "float32",
                       "autocast": "bfloat16", "gradient_checkpointing": "full"},
         "examples_per_optimizer_step": EXAMPLES_PER_STEP,
