@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export ZENML_ANALYTICS_OPT_IN ?= false
 
-.PHONY: setup demo test clean gpu-check
+.PHONY: setup demo test clean gpu-check lock
 
 setup: $(STAMP)
 
@@ -29,3 +29,7 @@ clean:
 # On a CUDA machine: the real 4-bit path (NF4 + LoRA + paged 8-bit AdamW) on the tiny model.
 gpu-check: setup
 	$(BIN)/pytest tests/gpu -m gpu -q -s
+
+# Regenerate docker/requirements.lock (the GPU image's exact dependency set) from the tested venv.
+lock: setup
+	$(BIN)/python docker/lock.py

@@ -13,12 +13,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def run_pipeline(config_path: Path) -> Any:
     """Run `sft_pipeline` with a run configuration file; returns ZenML's pipeline run."""
+    from zenml import Model
+
     from pipelines.sft_pipeline import sft_pipeline
+    from tracesft.config import load_run_config
 
     # Steps are resolved by module path relative to the source root; pin it to the repo so that
     # a console script (whose main module lives in the venv) resolves them the same way.
     source_utils.set_custom_source_root(str(REPO_ROOT))
-    return sft_pipeline.with_options(config_path=str(config_path))()
+    model = Model(name=load_run_config(config_path).registry.model_name)
+    return sft_pipeline.with_options(config_path=str(config_path), model=model)()
 
 
 def run_summary(run: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ data's bytes rather than to file names.
 
 from typing import Optional
 
-from zenml import pipeline
+from zenml import Model, pipeline
 
 import materializers  # noqa: F401  (registers the LoraAdapter materializer)
 from steps import (
@@ -25,28 +25,43 @@ from steps import (
     validate_traces,
     verify_traces,
 )
-from tracesft.config import PRODUCTION_BASE_MODEL, DatasetSettings, EvalSettings, RegistrySettings, TrainingRecipe
+from tracesft.config import (
+    PRODUCTION_BASE_MODEL,
+    DatasetSettings,
+    EvalSettings,
+    QualitySettings,
+    RegistrySettings,
+    TrainingRecipe,
+)
 from tracesft.ingest import content_hash
 from tracesft.eval_set import eval_set_hash
 
 
-@pipeline(enable_cache=True)
+# Each run gets a version of this ZenML model (the Model Control Plane): the register and promote
+# steps log lineage, scores and the gate's decision on it and set its stage. The name follows
+# `registry.model_name`: `pipelines.run` passes it, and a run configuration's `model:` sets it
+# for `zenml pipeline run`.
+@pipeline(enable_cache=True, model=Model(name=RegistrySettings().model_name))
 def sft_pipeline(
     traces: list[str],
     eval_set: str,
     field_map: Optional[dict[str, str]] = None,
+    on_bad_record: str = "error",
     base_model: str = PRODUCTION_BASE_MODEL,
     base_model_revision: Optional[str] = None,
     dataset: DatasetSettings = DatasetSettings(),
+    quality: QualitySettings = QualitySettings(),
     training: TrainingRecipe = TrainingRecipe(),
     evaluation: EvalSettings = EvalSettings(),
     registry: RegistrySettings = RegistrySettings(),
 ) -> None:
     eval_hash = eval_set_hash(eval_set)
-    raw = ingest_traces(traces, field_map or {}, content_hash(traces))
+    raw = ingest_traces(traces, field_map or {}, content_hash(traces), on_bad_record)
     verified, _rejected = verify_traces(raw)
-    quality, _view = validate_traces(verified, base_model, base_model_revision, training.max_seq_length, eval_set)
-    sft_dataset, _summary = build_sft_dataset(verified, quality, dataset)
+    quality_report, _view = validate_traces(
+        verified, base_model, base_model_revision, training.max_seq_length, eval_set, quality, registry
+    )
+    sft_dataset, _summary = build_sft_dataset(verified, quality_report, dataset)
     adapter = train_adapter(sft_dataset, base_model, base_model_revision, training, registry)
     problems = load_eval_problems(eval_set, eval_hash, sft_dataset, evaluation)
     validation = load_validation_problems(sft_dataset)
@@ -56,7 +71,7 @@ def sft_pipeline(
     tuned_report = evaluate_model(
         problems, base_model, base_model_revision, evaluation, training, adapter, validation, id="evaluate_finetuned"
     )
-    # The gate's evidence: model_comparison.f1_difference (.low/.high/.observed), also in MLflow.
-    _comparison, _report_page = compare_models(base_report, tuned_report, adapter, evaluation, registry)
+    # The gate's evidence: the paired bootstrap interval of the F1 difference, also in MLflow.
+    comparison, _report_page = compare_models(base_report, tuned_report, adapter, evaluation, registry)
     version = register_adapter(adapter, base_report, tuned_report, eval_hash, registry)
-    promote_adapter(version, base_report, tuned_report, registry)
+    promote_adapter(version, base_report, tuned_report, comparison, registry)

@@ -7,9 +7,9 @@ from zenml import log_metadata, step
 
 from tracesft.adapter import LoraAdapter, write_metadata
 from tracesft.config import RegistrySettings, TrainingRecipe
+from tracesft.distributed import train
 from tracesft.sft_dataset import SFTDataset
 from tracesft.tracking import mlflow_logging_callback, use_tracking
-from tracesft.training import train_lora
 
 from steps.run_context import zenml_run_tags
 
@@ -28,7 +28,7 @@ def train_adapter(
     with mlflow.start_run(run_name=tags["zenml_run_name"], experiment_id=experiment_id, tags=tags) as run:
         mlflow.log_params({f"recipe.{k}": v for k, v in recipe.model_dump().items()} | {"base_model": base_model})
         output_dir = Path(tempfile.mkdtemp(prefix="tracesft-train-"))
-        adapter, summary = train_lora(
+        adapter, summary = train(
             dataset, base_model, recipe, output_dir, base_model_revision, callbacks=[mlflow_logging_callback()]
         )
         mlflow.log_metrics({"final_train_loss": summary.train_loss} | (

@@ -3,20 +3,40 @@ from typing import Annotated
 from zenml import log_metadata, step
 from zenml.types import HTMLString
 
+from tracesft.config import QualitySettings, RegistrySettings
 from tracesft.eval_set import load_eval_set
 from tracesft.modeling import load_tokenizer
-from tracesft.quality import QualityReport, report_html, validate_traces as run_suite
-from tracesft.sft_dataset import normalize_query
+from tracesft.quality import QualityReport, log_report_to_mlflow, report_html, validate_traces as run_suite
 from tracesft.traces import TraceBatch
+
+from steps.run_context import zenml_run_tags
 
 
 @step
 def validate_traces(
-    verified: TraceBatch, base_model: str, base_model_revision: str | None, max_seq_length: int, eval_set: str
+    verified: TraceBatch,
+    base_model: str,
+    base_model_revision: str | None,
+    max_seq_length: int,
+    eval_set: str,
+    settings: QualitySettings,
+    registry: RegistrySettings,
 ) -> tuple[Annotated[QualityReport, "data_quality_report"], Annotated[HTMLString, "data_quality_view"]]:
-    """Run the Great Expectations suite; the dataset step refuses to build on a failed report."""
+    """Run the Great Expectations suite; the dataset step refuses to build on a failed report.
+
+    The report is logged to MLflow as a run of its own (tagged with this ZenML run) before any
+    verdict is acted on, so a failed gate leaves its evidence in MLflow too.
+    """
     tokenizer = load_tokenizer(base_model, base_model_revision)
-    eval_queries = {normalize_query(p.query) for p in load_eval_set(eval_set)}
-    report = run_suite(verified, tokenizer, max_seq_length, eval_queries)
-    log_metadata({"success": report.success, "failed_expectations": len(report.failures())})
+    report = run_suite(verified, tokenizer, max_seq_length, load_eval_set(eval_set), settings)
+    mlflow_run_id = log_report_to_mlflow(report, registry, zenml_run_tags())
+    log_metadata(
+        {
+            "success": report.success,
+            "failed_expectations": [o.expectation for o in report.failures()],
+            "eval_rows_removed_as_traced": [o.eval_row for o in report.eval_overlap],
+            "held_out_eval_problems": report.held_out_eval_problems,
+            "mlflow_run_id": mlflow_run_id,
+        }
+    )
     return report, HTMLString(report_html(report))

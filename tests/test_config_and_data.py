@@ -63,6 +63,16 @@ def write_config(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def test_on_bad_record_setting(tmp_path: Path) -> None:
+    assert load_run_config(write_config(tmp_path, "parameters:\n  traces: [t]\n  eval_set: e.csv\n")).on_bad_record == "error"
+    path = write_config(tmp_path, "parameters:\n  traces: [t]\n  eval_set: e.csv\n  on_bad_record: skip\n")
+    assert load_run_config(path).on_bad_record == "skip"
+    path = write_config(tmp_path, "parameters:\n  traces: [t]\n  eval_set: e.csv\n  on_bad_record: ignore\n")
+    with pytest.raises(TracesftError) as excinfo:
+        load_run_config(path)
+    assert_error_names(excinfo, "parameters.on_bad_record", "'error'", "'skip'")
+
+
 def test_config_missing_file(tmp_path: Path) -> None:
     with pytest.raises(TracesftError) as excinfo:
         load_run_config(tmp_path / "absent.yaml")

@@ -363,3 +363,94 @@ def test_non_utf8_file_is_a_clear_error(tmp_path: Path, suffix: str) -> None:
     document: Any = [record(input="caf\u00e9")] if suffix == ".json" else record(input="caf\u00e9")
     file.write_bytes(json.dumps(document, ensure_ascii=False).encode("cp1252") + b"\n")
     raises_naming([str(file)], str(file), "UTF-8")
+
+
+# --- empty inputs and the on_bad_record switch ---------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_empty_file(tmp_path: Path, suffix: str) -> None:
+    file = tmp_path / f"run{suffix}"
+    file.write_bytes(b"")
+    raises_naming([str(file)], str(file), "the file is empty")
+
+
+@pytest.mark.parametrize(("name", "content"), [("run.jsonl", "\n  \n\n"), ("run.json", "[]"), ("run.json", '{"results": []}')])
+def test_file_without_records(tmp_path: Path, name: str, content: str) -> None:
+    file = tmp_path / name
+    file.write_text(content, encoding="utf-8")
+    raises_naming([str(file)], str(file), "holds no records")
+
+
+def test_directory_with_only_other_files_and_folders(tmp_path: Path) -> None:
+    folder = tmp_path / "traces"
+    (folder / "nested").mkdir(parents=True)
+    write_json(folder / "nested" / "hidden.json", [record()])  # not looked into: only the top level
+    (folder / "run.csv").write_text("input,label\n")
+    raises_naming([str(folder)], str(folder), "no *.json or *.jsonl result files")
+
+
+def broken_jsonl(tmp_path: Path) -> Path:
+    file = tmp_path / "run.jsonl"
+    file.write_text(
+        json.dumps(record()) + "\n" + json.dumps(record(label=1)) + "\n{broken\n" + json.dumps(record()) + "\n", encoding="utf-8"
+    )
+    return file
+
+
+def test_broken_jsonl_line_stops_by_default(tmp_path: Path) -> None:
+    file = broken_jsonl(tmp_path)
+    raises_naming([str(file)], str(file), "(line 3)", "not valid JSON")
+    with pytest.raises(TracesftError, match=r"\(line 3\)"):
+        ingest([str(file)], on_bad_record="error")
+
+
+def test_broken_jsonl_line_is_skipped_and_reported(tmp_path: Path) -> None:
+    file = broken_jsonl(tmp_path)
+    batch = ingest([str(file)], on_bad_record="skip")
+    assert [r.locator for r in batch.records] == ["line 1", "line 2", "line 4"]
+    assert [(s.source, s.locator) for s in batch.skipped] == [(str(file), "line 3")]
+    assert "not valid JSON" in batch.skipped[0].error
+
+
+def test_skip_covers_unreadable_records_of_every_kind(tmp_path: Path) -> None:
+    json_file = write_json(tmp_path / "a.json", [record(), {"input": QUERY, "label": 0}, record(label="perhaps")])
+    jsonl_file = tmp_path / "b.jsonl"
+    jsonl_file.write_bytes(json.dumps(record()).encode() + b"\n" + json.dumps(record(input="caf\u00e9"), ensure_ascii=False).encode("cp1252") + b"\n")
+    batch = ingest([str(json_file), str(jsonl_file)], on_bad_record="skip")
+    assert [(r.source, r.locator) for r in batch.records] == [(str(json_file), "record 1"), (str(jsonl_file), "line 1")]
+    reasons = {(s.source, s.locator): s.error for s in batch.skipped}
+    assert "missing field 'trace'" in reasons[(str(json_file), "record 2")]
+    assert "'perhaps'" in reasons[(str(json_file), "record 3")]
+    assert "UTF-8" in reasons[(str(jsonl_file), "line 2")]
+
+
+def test_skip_never_hides_a_broken_file(tmp_path: Path) -> None:
+    file = tmp_path / "run.json"
+    file.write_text("[{oops", encoding="utf-8")
+    with pytest.raises(TracesftError, match="not valid JSON"):
+        ingest([str(file)], on_bad_record="skip")
+
+
+def test_unknown_on_bad_record_value(tmp_path: Path) -> None:
+    file = write_json(tmp_path / "run.json", [record()])
+    with pytest.raises(TracesftError, match="on_bad_record: 'ignore'"):
+        ingest([str(file)], on_bad_record="ignore")  # type: ignore[arg-type]
+
+
+def test_verify_traces_cli_reports_skipped_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tracesft.cli import main
+
+    file = broken_jsonl(tmp_path)
+    assert main(["verify-traces", str(file), "--json"]) == 2
+    assert "(line 3)" in capsys.readouterr().err
+    assert main(["verify-traces", str(file), "--json", "--on-bad-record", "skip"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["records"] == 3
+    assert set(report) >= {"records", "kept", "rejected", "skipped"}
+    assert [s["where"] for s in report["skipped"]] == [f"{file} (line 3)"]
+    config = tmp_path / "run.yaml"
+    config.write_text(f"parameters:\n  traces: [{file}]\n  eval_set: e.csv\n  on_bad_record: skip\n", encoding="utf-8")
+    assert main(["verify-traces", str(file), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "1 unreadable record(s) skipped" in out and f"{file} (line 3)" in out

@@ -1,11 +1,15 @@
-"""The whole pipeline on the embedded default, in a throwaway ZenML store and MLflow database.
+"""The whole pipeline on the embedded default, in a throwaway ZenML store and MLflow database,
+started as scheduled retraining starts it: `tracesft retrain --traces DIR --config FILE`.
 
 Three runs: the first trains and registers version 1 (alias challenger); the second, with the
-same inputs, is served entirely from the cache and registers nothing; after one trace file
-changes, ingestion and everything downstream rerun and version 2 is registered.
+same inputs, is served entirely from the cache and registers nothing; after a new trace file
+lands, ingestion and everything downstream rerun and version 2 is registered. Credentials are
+planted in the environment and in a ZenML secret on the stack throughout; the last test shows
+none of them reached a log, an MLflow parameter, tag or artifact, or either store.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,12 @@ from tracesft.workspace import prepare_demo_workspace
 pytestmark = pytest.mark.integration
 
 MODEL_NAME = "corr2cause-e2e-lora"
+PLANTED = {
+    "HF_TOKEN": "hf_planted0secret0e2e0token",
+    "MLFLOW_TRACKING_PASSWORD": "planted-mlflow-password-e2e",
+}
+ZENML_SECRET_VALUE = "planted-zenml-secret-value-e2e"
+OUTPUTS: list[str] = []  # everything the three runs printed, for the secrets test
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +36,7 @@ def workspace(tmp_path_factory):
     prepare_demo_workspace(state)
     document = yaml.safe_load(embedded_config_path().read_text())
     parameters = document["parameters"]
-    parameters["traces"] = [str(state / "traces")]
+    parameters["traces"] = ["placeholder: replaced by retrain --traces"]
     parameters["eval_set"] = str(state / "eval" / "corr2cause_eval.csv")
     parameters["base_model"] = str(state / "tiny-model")
     parameters["registry"] |= {"tracking_uri": "sqlite:///never-used.db", "model_name": MODEL_NAME}
@@ -38,19 +48,39 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tracking_uri(workspace):
-    """The configured URI is a decoy: MLFLOW_TRACKING_URI must win."""
+    """The configured URI is a decoy: MLFLOW_TRACKING_URI must win. Credentials are planted in
+    the environment and as a ZenML secret attached to the active stack (how production gets them)."""
+    from zenml.client import Client
+
     root, _ = workspace
     uri = f"sqlite:///{root / 'mlflow.db'}"
     patch = pytest.MonkeyPatch()
     patch.setenv("MLFLOW_TRACKING_URI", uri)
+    for name, value in PLANTED.items():
+        patch.setenv(name, value)
+    from zenml.enums import StackComponentType
+
+    client = Client()
+    secret = client.create_secret("tracesft-e2e-credentials", values={"MLFLOW_TRACKING_TOKEN": ZENML_SECRET_VALUE})
+    previous = client.active_stack_model
+    components = {kind: [c.id for c in found] for kind, found in previous.components.items()}
+    stack = client.create_stack("tracesft-e2e-with-secret", components=components, secrets=[secret.id])
+    client.activate_stack(stack.id)
     yield uri
+    client.activate_stack(previous.id)
+    client.delete_stack(stack.id)
+    client.delete_secret(secret.id)
     patch.undo()
 
 
-def _run(config: Path) -> dict:
-    from pipelines.run import run_pipeline, run_summary
+def _run(config: Path, capfd) -> dict:
+    """`tracesft retrain --traces <the workspace's traces> --config FILE --json`, in-process."""
+    from tracesft.cli import main
 
-    return run_summary(run_pipeline(config))
+    assert main(["retrain", "--traces", str(config.parent / ".tracesft" / "traces"), "--config", str(config), "--json"]) == 0
+    out, err = capfd.readouterr()
+    OUTPUTS.append(out + err)
+    return json.loads(out[out.rindex('{\n  "run"'):])
 
 
 def _versions(config: Path) -> list[dict]:
@@ -60,9 +90,9 @@ def _versions(config: Path) -> list[dict]:
     return list_versions(load_run_config(config).registry)
 
 
-def test_first_run_registers_a_challenger_with_lineage(workspace, tracking_uri):
+def test_first_run_registers_a_challenger_with_lineage(workspace, tracking_uri, capfd):
     root, config = workspace
-    summary = _run(config)
+    summary = _run(config, capfd)
 
     assert summary["status"] == "completed"
     assert set(summary["steps"].values()) == {"completed"}
@@ -75,31 +105,83 @@ def test_first_run_registers_a_challenger_with_lineage(workspace, tracking_uri):
     assert tags["zenml_pipeline"] == "sft_pipeline" and tags["zenml_run_name"] == summary["run"]
     assert {"base_f1", "finetuned_f1", "finetuned_parse_failure_rate", "final_train_loss"} <= set(version["metrics"])
     assert not (root / "never-used.db").exists()
+    assert tags["zenml_run_url"] == "local store"  # the test's ZenML store has no server
+    assert len(tags["run_config_hash"]) == 64 and tags["git_commit"]
+    assert tags["train_examples"].isdigit() and tags["adapter_content_hash"]
     decision = summary["promotion"]
     assert decision["promoted"] == (decision["finetuned_f1"] > decision["base_f1"])
 
+    # The ZenML Model Control Plane tells the same story as the registry.
+    from zenml.client import Client
 
-def test_unchanged_inputs_are_served_from_cache(workspace, tracking_uri):
+    model_version = Client().get_pipeline_run(summary["run"]).model_version
+    assert model_version.model.name == MODEL_NAME
+    assert tags["zenml_model_version_id"] == str(model_version.id)
+    assert model_version.stage == ("production" if decision["promoted"] else "staging")
+    metadata = model_version.run_metadata
+    assert metadata["promotion"]["reason"] == decision["reason"]
+    assert metadata["lineage"]["traces_content_hash"] == tags["traces_content_hash"]
+    assert metadata["metrics"]["finetuned_f1"] == decision["finetuned_f1"]
+
+
+def test_unchanged_inputs_are_served_from_cache(workspace, tracking_uri, capfd):
     _, config = workspace
-    summary = _run(config)
+    summary = _run(config, capfd)
 
     assert set(summary["steps"].values()) == {"cached"}
     assert not summary["new_version"]
     assert [v["version"] for v in _versions(config)] == ["1"]
 
 
-def test_a_changed_trace_file_reruns_from_ingest(workspace, tracking_uri):
+def test_a_new_trace_file_reruns_from_ingest(workspace, tracking_uri, capfd):
     root, config = workspace
     jsonl = next((root / ".tracesft" / "traces").glob("*.jsonl"))
     first = json.loads(jsonl.read_text().splitlines()[0])
     first["question"] = first["question"].replace("Hypothesis:", "Hypothesis (restated):")
-    with jsonl.open("a") as handle:
-        handle.write(json.dumps(first) + "\n")
+    (jsonl.parent / "gpt4o_corr2cause_run3.jsonl").write_text(json.dumps(first) + "\n")
 
-    summary = _run(config)
+    summary = _run(config, capfd)
 
     assert all(status == "completed" for status in summary["steps"].values())
     versions = _versions(config)
     assert [v["version"] for v in versions] == ["2", "1"]
     assert "challenger" in versions[0]["aliases"] and "challenger" not in versions[1]["aliases"]
     assert versions[0]["tags"]["traces_content_hash"] != versions[1]["tags"]["traces_content_hash"]
+
+
+def test_planted_secrets_reach_no_log_parameter_artifact_or_store(workspace, tracking_uri):
+    """After the three runs: no planted value in what they printed, in MLflow's parameters and
+    tags, or anywhere on disk under the MLflow database and artifacts or the ZenML store
+    (which holds step logs, artifacts and run metadata)."""
+    import os
+
+    from mlflow import MlflowClient
+
+    root, config = workspace
+    secrets = [*PLANTED.values(), ZENML_SECRET_VALUE]
+    assert len(OUTPUTS) == 3, "runs after the three pipeline runs, in this module"
+    printed = "\n".join(OUTPUTS)
+    assert printed and not [s for s in secrets if s in printed]
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs
+    recorded = json.dumps([{"params": r.data.params, "tags": r.data.tags} for r in runs])
+    assert not [s for s in secrets if s in recorded]
+
+    # The ZenML secret's value belongs in ZenML's own secret store (the SQL store's `secret`
+    # table, encoded, encrypted when a key is configured): any other place is a leak.
+    stores = [root, Path(os.environ["ZENML_CONFIG_PATH"])]
+    files = [path for store in stores for path in store.rglob("*") if path.is_file()]
+    leaks = [path for path in files if any(s.encode() in path.read_bytes() for s in secrets)]
+    leaks = [path for path in leaks if not (path.suffix == ".db" and _only_the_secret_table_holds(path, secrets))]
+    assert not leaks, leaks
+
+
+def _only_the_secret_table_holds(database: Path, secrets: list[str]) -> bool:
+    import sqlite3
+
+    with sqlite3.connect(database) as connection:
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        rows = [row for table in tables if table != "secret" for row in connection.execute(f'SELECT * FROM "{table}"')]
+    return not any(secret in str(row) for row in rows for secret in secrets)

@@ -14,9 +14,14 @@ import pytest
 from tracesft.adapter import METADATA_FILE, LoraAdapter, write_metadata
 from tracesft.cli import main
 from tracesft.config import RegistrySettings, load_run_config
+from tracesft.prompting import prompt_template
 from tracesft.registry import (
     CHALLENGER,
     CHAMPION,
+    PROMPT_TEMPLATE_FILE,
+    ChampionChange,
+    champion_stack,
+    incomparable_reason,
     decide_promotion,
     list_versions,
     promote_if_better,
@@ -103,6 +108,71 @@ def test_decide_promotion(
     assert says in reason
 
 
+@pytest.mark.parametrize(
+    ("ci_low", "margin", "promoted", "says"),
+    [
+        (0.05, 0.0, True, "gain CI from 0.050"),
+        (0.0, 0.0, False, "confidence interval"),  # the interval touches zero: could be noise
+        (-0.02, 0.0, False, "may be noise"),
+        (0.04, 0.05, False, "not above the margin 0.05"),
+        (None, 0.0, True, "no champion yet"),  # no interval given: the point estimates decide
+    ],
+)
+def test_decide_promotion_with_the_ci_of_the_gain(ci_low: float | None, margin: float, promoted: bool, says: str) -> None:
+    decision, reason = decide_promotion(0.70, 0.40, None, margin, f1_difference_ci_low=ci_low)
+    assert decision is promoted
+    assert says in reason
+
+
+def test_the_ci_does_not_excuse_losing_to_the_champion() -> None:
+    decision, reason = decide_promotion(0.70, 0.40, 0.72, 0.0, f1_difference_ci_low=0.2)
+    assert not decision and "champion F1 0.720" in reason
+
+
+@pytest.mark.parametrize(
+    ("champion", "says"),
+    [
+        ({"base_model": "b", "eval_set_hash": "e1"}, None),
+        ({"base_model": "b", "base_model_revision": "", "eval_set_hash": "e1"}, None),  # no revision either way
+        ({"base_model": "other", "eval_set_hash": "e1"}, "adapts base model other"),
+        ({"base_model": "b", "base_model_revision": "abc", "eval_set_hash": "e1"}, "b@abc"),
+        ({"base_model": "b", "eval_set_hash": "e2"}, "another eval set"),
+    ],
+)
+def test_incomparable_reason(champion: dict[str, str], says: str | None) -> None:
+    reason = incomparable_reason({"base_model": "b", "eval_set_hash": "e1"}, champion, "4")
+    assert reason is None if says is None else (says in reason and "version 4" in reason)
+
+
+def _change(seq: int, action: str, version: str) -> ChampionChange:
+    return ChampionChange(seq=seq, time="t", action=action, version=version, previous=None, reason="r")
+
+
+def test_champion_stack_pops_rolled_back_reigns() -> None:
+    history = [_change(1, "gate", "1"), _change(2, "gate", "3"), _change(3, "promote", "5"), _change(4, "rollback", "3")]
+    assert champion_stack(history) == ["1", "3"]
+    assert champion_stack(history + [_change(5, "rollback", "1")]) == ["1"]
+
+
+def test_lineage_helpers(tmp_path: Path) -> None:
+    from tracesft.lineage import config_hash, git_commit
+
+    assert config_hash({"a": 1, "b": {"c": [1, 2]}}) == config_hash({"b": {"c": [1, 2]}, "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+    assert git_commit(tmp_path) == "unknown"  # not a git checkout
+    commit = git_commit()
+    assert commit == "unknown" or len(commit.removesuffix("-dirty")) == 40
+
+
+def test_content_hash_ignores_lineage_but_not_weights(tmp_path: Path) -> None:
+    adapter = make_adapter(tmp_path, "a")
+    before = adapter.content_hash()
+    write_metadata(adapter.path, adapter.metadata | {"mlflow_run_id": "another run"})
+    assert adapter.content_hash() == before
+    (adapter.path / "adapter_model.safetensors").write_bytes(b"\x01" * 64)
+    assert adapter.content_hash() != before
+
+
 # --- a real registry -------------------------------------------------------------------------
 
 
@@ -112,7 +182,7 @@ def make_adapter(root: Path, name: str, **metadata: Any) -> LoraAdapter:
     (path / "adapter_config.json").write_text(
         json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]})
     )
-    (path / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    (path / "adapter_model.safetensors").write_bytes(name.encode().ljust(64, b"\x00"))  # distinct content per name
     return write_metadata(path, {"base_model": "tiny-base", "traces_content_hash": "ab" * 32, **metadata})
 
 
@@ -191,8 +261,9 @@ def test_registered_artifacts_are_the_adapter_files(registry: dict[str, Any]) ->
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{registry['root']}/mlflow.db")
         local = Path(download_artifacts(artifact_uri=first["registered"].source, dst_path=str(registry["root"] / "dl")))
     adapter: LoraAdapter = first["adapter"]
-    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in adapter.files())
+    assert sorted(p.name for p in local.iterdir()) == sorted([PROMPT_TEMPLATE_FILE] + [p.name for p in adapter.files()])
     assert json.loads((local / METADATA_FILE).read_text()) == adapter.metadata
+    assert json.loads((local / PROMPT_TEMPLATE_FILE).read_text()) == prompt_template()
     # With a sqlite store the artifacts sit beside the database, not in the working directory's mlruns/.
     assert (registry["root"] / "mlartifacts").is_dir()
     assert not (registry["root"] / "mlruns").exists()
@@ -335,7 +406,13 @@ def test_cli_verify_traces_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert report["records"] == problems + 1
     assert report["kept"] == report["records"] - sum(report["rejected"].values())
     assert report["rejected"]["unparseable_answer"] == len(UNPARSEABLE)
-    assert set(report["rejected"]) == {"duplicate", "flag_contradicts_text", "unparseable_answer", "wrong_answer"}
+    assert set(report["rejected"]) == {
+        "duplicate",
+        "flag_contradicts_text",
+        "gold_contradicted_by_solver",
+        "unparseable_answer",
+        "wrong_answer",
+    }
     assert len(report["rejections"]) == sum(report["rejected"].values())
     assert all(r["where"].startswith(str(SAMPLE_DIR)) for r in report["rejections"])
     assert len(report["content_hash"]) == 64
@@ -350,7 +427,11 @@ def test_cli_verify_traces_text(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_verify_traces_with_a_field_map(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = tmp_path / "run.jsonl"
-    results.write_text(json.dumps({"problem": "q", "completion": "Answer: Yes", "verdict": 1}) + "\n")
+    problem = (
+        "Premise: Suppose there is a closed system of 2 variables, A and B. All the statistical relations among "
+        "these 2 variables are as follows: A correlates with B.\nHypothesis: A directly causes B."
+    )
+    results.write_text(json.dumps({"problem": problem, "completion": "Answer: No", "verdict": 0}) + "\n")
     config = tmp_path / "run.yaml"
     config.write_text("parameters:\n  traces: [t]\n  eval_set: e.csv\n  field_map: {query: problem, trace: completion, gold: verdict}\n")
     assert main(["verify-traces", str(results), "--config", str(config), "--json"]) == 0

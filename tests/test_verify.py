@@ -1,5 +1,5 @@
-"""Verification: a trace is kept only when its own text answers the gold label; every rejection
-keeps its record and says why."""
+"""Verification: a trace is kept only when its own text answers the gold label and the exact solver
+confirms that label; every rejection keeps its record and says why."""
 
 from __future__ import annotations
 
@@ -19,15 +19,33 @@ from tracesft.sample_data import (
     bundled_rows,
 )
 from tracesft.traces import TraceBatch, TraceRecord
-from tracesft.verify import DUPLICATE, FLAG_CONTRADICTS_TEXT, UNPARSEABLE as UNPARSEABLE_REASON, WRONG, verify
+from tracesft.verify import (
+    DUPLICATE,
+    FLAG_CONTRADICTS_TEXT,
+    GOLD_CONTRADICTED,
+    MALFORMED_PREMISE,
+    REASONS,
+    UNPARSEABLE as UNPARSEABLE_REASON,
+    WRONG,
+    verify,
+)
 
 SAMPLE_DIR = Path(str(DATA / "sample_traces"))
 YES_TRACE = "Every compatible graph has the edge.\n\nAnswer: Yes"
 NO_TRACE = "A fork explains the correlation as well.\n\nAnswer: No"
 CUT_TRACE = "I am still weighing the candidate graphs and have not"
 
+HEADER = "Premise: Suppose there is a closed system of {n} variables, {names}. All the statistical relations among these {n} variables are as follows: "
+COLLIDER = HEADER.format(n=3, names="A, B and C") + "A correlates with C. B correlates with C. However, A is independent of B."
+YES_QUERY = COLLIDER + "\nHypothesis: A directly causes C."  # the v-structure compels A -> C
+OTHER_YES_QUERY = COLLIDER + "\nHypothesis: B directly causes C."
+NO_QUERY = HEADER.format(n=2, names="A and B") + "A correlates with B.\nHypothesis: A directly causes B."  # B -> A fits too
+QUERY_FOR_GOLD = {1: YES_QUERY, 0: NO_QUERY}
 
-def rec(query: str = "Premise: p. Hypothesis: h.", trace: str = YES_TRACE, gold: int = 1, n: int = 1, **extra) -> TraceRecord:
+
+def rec(query: str | None = None, trace: str = YES_TRACE, gold: int = 1, n: int = 1, **extra) -> TraceRecord:
+    """A record on a real problem whose solver label is `gold` unless `query` says otherwise."""
+    query = QUERY_FOR_GOLD[gold] if query is None else query
     return TraceRecord(query=query, trace=trace, gold=gold, source="run.json", locator=f"record {n}", **extra)
 
 
@@ -89,9 +107,9 @@ def test_flag_false_but_text_right() -> None:
 
 
 def test_duplicate_is_whitespace_insensitive_and_the_first_is_kept() -> None:
-    first = rec(query="Premise: A correlates with B.\nHypothesis: A causes B.", n=1)
-    other = rec(query="Premise: another problem.", n=2)
-    again = rec(query="  Premise:  A correlates with B. Hypothesis:\tA causes B. ", trace="  " + YES_TRACE.replace("\n\n", "\n"), n=3)
+    first = rec(query=YES_QUERY, n=1)
+    other = rec(query=OTHER_YES_QUERY, n=2)
+    again = rec(query="  " + YES_QUERY.replace(" ", "  ").replace("\n", "\t") + " ", trace="  " + YES_TRACE.replace("\n\n", "\n"), n=3)
     result = verify(batch_of(first, other, again))
     assert result.kept.records == [first, other]
     assert [r.reason for r in result.rejected] == [DUPLICATE]
@@ -112,7 +130,7 @@ def test_rejected_copy_of_a_kept_trace_is_not_counted_as_duplicate() -> None:
 
 def test_rejected_records_keep_the_full_record() -> None:
     record = TraceRecord(
-        query="q", trace=NO_TRACE, gold=1, predicted="No", flagged_correct=True, source="/data/run2.jsonl", locator="line 7"
+        query=YES_QUERY, trace=NO_TRACE, gold=1, predicted="No", flagged_correct=True, source="/data/run2.jsonl", locator="line 7"
     )
     rejected = verify(batch_of(record)).rejected[0]
     assert rejected.record == record
@@ -136,12 +154,67 @@ def test_rejected_by_reason_counts() -> None:
     assert [r.locator for r in result.kept.records] == ["record 1", "record 7"]
 
 
+# Bundled trace problems whose official gold label the exact solver contradicts (official test
+# rows 984, 553, 779, 458 and 920; see `tracesft solve`): their traces answer gold, and are
+# still kept aside, because gold there is not to be trusted.
+GOLD_CONTRADICTED_BY_SOLVER = (35, 47, 50, 68, 94)
+
+
+# --- the solver's part: problems that cannot be read, gold labels it contradicts ---------------
+
+
+@pytest.mark.parametrize("trace", [YES_TRACE, NO_TRACE])
+def test_malformed_premise_is_rejected(trace: str) -> None:
+    record = rec(query="Premise: A correlates with B, mostly.\nHypothesis: A directly causes B.", trace=trace, gold=1)
+    result = verify(batch_of(record))
+    assert [r.reason for r in result.rejected] == [MALFORMED_PREMISE]
+    assert "closed system" in result.rejected[0].detail
+
+
+def test_unknown_hypothesis_wording_is_a_malformed_premise() -> None:
+    record = rec(query=COLLIDER + "\nHypothesis: A is somehow linked to C.", gold=1)
+    assert [r.reason for r in verify(batch_of(record)).rejected] == [MALFORMED_PREMISE]
+
+
+@pytest.mark.parametrize(("trace", "flag"), [(NO_TRACE, None), (NO_TRACE, True), (YES_TRACE, False)])
+def test_gold_contradicted_by_solver(trace: str, flag: bool | None) -> None:
+    # Gold says "not implied" for a compelled edge: the solver derives 1, so the record is kept
+    # aside whatever the trace answers, and a trace agreeing with the solver is not called wrong.
+    record = rec(query=YES_QUERY, trace=trace, gold=0, flagged_correct=flag)
+    result = verify(batch_of(record))
+    assert [r.reason for r in result.rejected] == [GOLD_CONTRADICTED]
+    assert "solver derives 1" in result.rejected[0].detail and "1 of 1" in result.rejected[0].detail
+
+
+def test_trace_level_reasons_come_before_the_solver() -> None:
+    malformed = "Premise: nothing.\nHypothesis: A directly causes B."
+    result = verify(batch_of(rec(query=malformed, trace=CUT_TRACE, n=1), rec(query=YES_QUERY, gold=0, trace=YES_TRACE, flagged_correct=True, n=2)))
+    assert [r.reason for r in result.rejected] == [UNPARSEABLE_REASON, FLAG_CONTRADICTS_TEXT]
+
+
+def test_reasons_are_distinct_constants() -> None:
+    assert len(set(REASONS)) == len(REASONS) == 6
+
+
+def test_many_traces_of_one_problem_cost_one_solve() -> None:
+    from tracesft.solver import equivalence_class
+
+    records = [rec(trace=f"Thought {i}.\n\nAnswer: Yes", n=i) for i in range(50)]
+    before = equivalence_class.cache_info()
+    result = verify(batch_of(*records))
+    after = equivalence_class.cache_info()
+    assert len(result.kept.records) == 50
+    assert after.misses - before.misses <= 1
+
+
 def _expected_reason(index: int) -> str | None:
     """What verification must say about problem `index` of the sample, per sample_data's recipe."""
     if index in UNPARSEABLE:
         return UNPARSEABLE_REASON  # read first: no answer, whatever the flag
     if index in FLAG_CONTRADICTS:
         return FLAG_CONTRADICTS_TEXT  # wrong answer, flag says correct
+    if index in GOLD_CONTRADICTED_BY_SOLVER:
+        return GOLD_CONTRADICTED
     if index in WRONG_ANSWER:
         return WRONG  # wrong answer, flag honestly says wrong
     return None
@@ -151,8 +224,9 @@ def test_bundled_sample_gives_the_expected_counts() -> None:
     problems = bundled_rows(TRACE_PROBLEMS_CSV)
     index_of = {p["input"]: i for i, p in enumerate(problems)}
     assert len(index_of) == len(problems)
-    assert 0 <= min(WRONG_ANSWER + FLAG_CONTRADICTS + UNPARSEABLE + (DUPLICATED,))
-    assert max(WRONG_ANSWER + FLAG_CONTRADICTS + UNPARSEABLE + (DUPLICATED,)) < len(problems)
+    special = WRONG_ANSWER + FLAG_CONTRADICTS + UNPARSEABLE + (DUPLICATED,)
+    assert 0 <= min(special) and max(special) < len(problems)
+    assert not set(special) & set(GOLD_CONTRADICTED_BY_SOLVER)  # one reason per problem
 
     batch = ingest([str(SAMPLE_DIR)])
     result = verify(batch)

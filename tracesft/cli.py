@@ -11,11 +11,20 @@ import argparse
 import json
 import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-from tracesft.config import TrainingRecipe, embedded_config_path, load_run_config, with_training_overrides
+from pydantic import BaseModel
+
+from tracesft.config import TrainingRecipe, embedded_config_path, load_run_config, with_traces, with_training_overrides
 from tracesft.errors import TracesftError
 from tracesft.tracking import STATE_DIR
+
+
+# Every scalar or list field of the recipe is a flag; nested settings (`distributed`) stay in the YAML.
+RECIPE_FLAGS = {name: field for name, field in TrainingRecipe.model_fields.items()
+                if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,9 +52,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, default=None, help="run configuration (default: the embedded one)")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON")
     recipe_flags = run.add_argument_group("training recipe (overrides the configuration's `training:`)")
-    for name, field in TrainingRecipe.model_fields.items():
+    for name, field in RECIPE_FLAGS.items():
         recipe_flags.add_argument(f"--{name}", dest=f"recipe_{name}", metavar=_metavar(field.annotation),
                                   help=f"default {field.get_default(call_default_factory=True)!r}")
+
+    retrain = command(
+        "retrain",
+        _retrain,
+        "Rerun the pipeline on a traces folder, e.g. from cron: unchanged traces come from the cache and "
+        "register nothing; a new or changed file retrains and registers a new version.",
+    )
+    retrain.add_argument("--traces", type=Path, required=True, help="folder of GPT result files (overrides the configured traces)")
+    retrain.add_argument("--config", type=Path, default=None, help="run configuration (default: the embedded one)")
+    retrain.add_argument("--json", action="store_true", help="print the run summary as JSON")
 
     tiny = command("tiny-model", _tiny_model, "Build the tiny random-weight Qwen2 model and tokenizer into DIR.")
     tiny.add_argument("dir", type=Path)
@@ -61,29 +80,58 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = command("verify-traces", _verify_traces, "Verify GPT result files; count kept and rejected traces.")
     verify.add_argument("files", nargs="+")
-    verify.add_argument("--config", type=Path, default=None, help="for its field_map")
+    verify.add_argument("--config", type=Path, default=None, help="for its field_map and on_bad_record")
+    verify.add_argument(
+        "--on-bad-record", choices=("error", "skip"), default=None, help="stop at an unreadable record, or skip and list it"
+    )
     verify.add_argument("--json", action="store_true")
 
-    adapters = command("adapters", lambda _: parser.error("adapters needs a subcommand"), "Inspect the adapter registry.")
+    solve = command("solve", _solve, "Run the exact Corr2Cause solver on a CSV; report agreement with its gold labels.")
+    solve.add_argument("csv", type=Path)
+    solve.add_argument("--json", action="store_true")
+
+    adapters = command("adapters", lambda _: parser.error("adapters needs a subcommand"), "Inspect the adapter registry, promote, roll back, export.")
     adapter_commands = adapters.add_subparsers(required=True, metavar="SUBCOMMAND")
     listing = adapter_commands.add_parser("list", help="every registered version, newest first")
     listing.set_defaults(handler=_adapters_list)
     show = adapter_commands.add_parser("show", help="one registered version")
     show.add_argument("version")
     show.set_defaults(handler=_adapters_show)
-    for sub in (listing, show):
+    promote = adapter_commands.add_parser(
+        "promote", help="make VERSION champion (refused without a completed evaluation or for another base model)"
+    )
+    promote.add_argument("version")
+    promote.add_argument("--force", action="store_true", help="promote even without evaluation or across base models")
+    promote.add_argument("--reason", default="", help="why, for the champion history")
+    promote.set_defaults(handler=_adapters_promote)
+    rollback = adapter_commands.add_parser("rollback", help="give champion back to the version that held it before")
+    rollback.add_argument("--reason", default="", help="why, for the champion history")
+    rollback.set_defaults(handler=_adapters_rollback)
+    history = adapter_commands.add_parser("history", help="every change of champion, oldest first")
+    history.set_defaults(handler=_adapters_history)
+    export = adapter_commands.add_parser("export", help="write base + adapter merged into one model for serving")
+    export.add_argument("version", help="a version number or an alias (champion, challenger)")
+    export.add_argument("--merged", type=Path, required=True, metavar="OUT", help="a new directory for the merged model")
+    export.add_argument("--base-model", default=None, help="the base model here, if not where the adapter records it")
+    export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    export.set_defaults(handler=_adapters_export)
+    for sub in (listing, show, promote, rollback, history, export):
         sub.add_argument("--config", type=Path, default=None)
         sub.add_argument("--json", action="store_true")
     return parser
 
 
 def _demo(args: argparse.Namespace) -> int:
-    # The demo keeps its ZenML store beside its MLflow database, away from the user's own.
+    _prepare_embedded_workspace()
+    return _run_and_report(embedded_config_path(), args.json)
+
+
+def _prepare_embedded_workspace() -> None:
+    # The embedded default keeps its ZenML store beside its MLflow database, away from the user's own.
     os.environ.setdefault("ZENML_CONFIG_PATH", str((STATE_DIR / "zenml").resolve()))
     from tracesft.workspace import prepare_demo_workspace
 
     prepare_demo_workspace()
-    return _run_and_report(embedded_config_path(), args.json)
 
 
 def _metavar(annotation: object) -> str:
@@ -96,7 +144,7 @@ def _metavar(annotation: object) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     config = args.config or embedded_config_path()
-    overrides = {name: getattr(args, f"recipe_{name}") for name in TrainingRecipe.model_fields
+    overrides = {name: getattr(args, f"recipe_{name}") for name in RECIPE_FLAGS
                  if getattr(args, f"recipe_{name}") is not None}
     if overrides:
         config = with_training_overrides(config, overrides, STATE_DIR / "run-configs")
@@ -104,7 +152,19 @@ def _run(args: argparse.Namespace) -> int:
     return _run_and_report(config, args.json)
 
 
-def _run_and_report(config: Path, as_json: bool) -> int:
+def _retrain(args: argparse.Namespace) -> int:
+    if not args.traces.is_dir():
+        raise TracesftError(f"{args.traces}: no such folder; give the folder where new GPT result files arrive.")
+    if args.config is None:
+        _prepare_embedded_workspace()
+    source = args.config or embedded_config_path()
+    load_run_config(source)  # fail fast, with a clear message, before ZenML starts
+    with tempfile.TemporaryDirectory(prefix="tracesft-retrain-") as directory:
+        config = with_traces(source, [args.traces.resolve()], Path(directory) / "run.yaml")
+        return _run_and_report(config, args.json, shown_config=args.config)
+
+
+def _run_and_report(config: Path, as_json: bool, shown_config: Path | None = None) -> int:
     from pipelines.run import run_pipeline, run_summary
     from tracesft.registry import list_versions
     from tracesft.tracking import resolve_tracking_uri
@@ -129,7 +189,8 @@ def _run_and_report(config: Path, as_json: bool) -> int:
                 print(f"  version {row['version']}: aliases {row['aliases'] or '-'}; {metrics}")
     uri = resolve_tracking_uri(settings)
     print("\nSee the results:")
-    print(f"  tracesft adapters list{'' if config == embedded_config_path() else f' --config {config}'}")
+    shown_config = shown_config or config
+    print(f"  tracesft adapters list{'' if shown_config == embedded_config_path() else f' --config {shown_config}'}")
     if uri.startswith("sqlite:///"):
         print(f"  MLflow UI:        mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     else:
@@ -174,13 +235,16 @@ def _verify_traces(args: argparse.Namespace) -> int:
     from tracesft.ingest import ingest
     from tracesft.verify import verify
 
-    field_map = load_run_config(args.config).field_map if args.config else {}
-    batch = ingest(args.files, field_map)
+    config = load_run_config(args.config) if args.config else None
+    field_map = config.field_map if config else {}
+    on_bad_record = args.on_bad_record or (config.on_bad_record if config else "error")
+    batch = ingest(args.files, field_map, on_bad_record)
     result = verify(batch)
     report = {
         "records": len(batch.records),
         "kept": len(result.kept.records),
         "rejected": result.rejected_by_reason(),
+        "skipped": [{"where": f"{s.source} ({s.locator})", "error": s.error} for s in batch.skipped],
         "content_hash": batch.content_hash,
         "rejections": [{"where": r.record.where, "reason": r.reason, "detail": r.detail} for r in result.rejected],
     }
@@ -190,6 +254,29 @@ def _verify_traces(args: argparse.Namespace) -> int:
         print(f"{report['records']} records: {report['kept']} kept, {len(result.rejected)} rejected")
         for rejection in report["rejections"]:
             print(f"  {rejection['where']}: {rejection['reason']} ({rejection['detail']})")
+        if batch.skipped:
+            print(f"{len(batch.skipped)} unreadable record(s) skipped:")
+            for skipped in report["skipped"]:
+                print(f"  {skipped['where']}: {skipped['error']}")
+    return 0
+
+
+def _solve(args: argparse.Namespace) -> int:
+    from tracesft.eval_set import load_eval_set
+    from tracesft.solver import agreement_report
+
+    started = time.perf_counter()
+    report = agreement_report(load_eval_set(args.csv))
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['rows']} rows ({report['distinct_premises']} distinct premises) in {report['seconds']} s: "
+          f"{report['agree']} agree with gold, {len(report['disagree'])} disagree, {len(report['malformed'])} unreadable")
+    for row in report["disagreements"]:
+        print(f"  row {row['row']} ({row['template']}): gold {row['gold']}, solver {row['solver']}: {row['derived']}")
+    for row in report["malformed_rows"]:
+        print(f"  row {row['row']} ({row['template']}): {row['error']}")
     return 0
 
 
@@ -216,6 +303,62 @@ def _adapters_show(args: argparse.Namespace) -> int:
     if not match:
         raise TracesftError(f"{settings.model_name} has no version {args.version!r}; see `tracesft adapters list`.")
     print(json.dumps(match[0], indent=2, default=str) if args.json else _pretty(match[0]))
+    return 0
+
+
+def _adapters_promote(args: argparse.Namespace) -> int:
+    from tracesft.registry import promote_version
+
+    settings = load_run_config(args.config).registry
+    change = promote_version(settings, args.version, force=args.force, reason=args.reason)
+    return _report_change(settings, change, args.json)
+
+
+def _adapters_rollback(args: argparse.Namespace) -> int:
+    from tracesft.registry import rollback_champion
+
+    settings = load_run_config(args.config).registry
+    return _report_change(settings, rollback_champion(settings, reason=args.reason), args.json)
+
+
+def _report_change(settings, change, as_json: bool) -> int:
+    from tracesft.control_plane import mirror_champion
+    from tracesft.registry import list_versions
+
+    tags = next((row["tags"] for row in list_versions(settings) if row["version"] == change.version), {})
+    mirrored = mirror_champion(tags)
+    if as_json:
+        print(json.dumps(change.model_dump() | {"name": settings.model_name, "zenml": mirrored}, indent=2))
+    else:
+        print(f"{settings.model_name}: champion is now version {change.version} "
+              f"(was {change.previous or 'none'}; {change.action}{', forced' if change.forced else ''}: {change.reason}).")
+        print(mirrored)
+    return 0
+
+
+def _adapters_history(args: argparse.Namespace) -> int:
+    from tracesft.registry import champion_history
+
+    history = champion_history(load_run_config(args.config).registry)
+    if args.json:
+        print(json.dumps([change.model_dump() for change in history], indent=2))
+    elif not history:
+        print("No champion yet.")
+    for change in [] if args.json else history:
+        print(f"#{change.seq} {change.time}  {change.action:<8} v{change.previous or '-'} -> v{change.version}"
+              f"{'  (forced)' if change.forced else ''}  {change.reason}")
+    return 0
+
+
+def _adapters_export(args: argparse.Namespace) -> int:
+    from tracesft.serving import export_registered_merged
+
+    settings = load_run_config(args.config).registry
+    out = export_registered_merged(settings, args.version, args.merged, args.base_model, args.dtype)
+    if args.json:
+        print(json.dumps({"name": settings.model_name, "version": args.version, "merged": str(out), "dtype": args.dtype}))
+    else:
+        print(f"Merged {settings.model_name} {args.version} ({args.dtype}) into {out}")
     return 0
 
 

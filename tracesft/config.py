@@ -32,6 +32,20 @@ class DatasetSettings(_Settings):
     seed: int = 42
 
 
+class DistributedSettings(_Settings):
+    """How many processes (one per GPU) train, and how they share the model.
+
+    `ddp`: data-parallel QLoRA, every rank holds the whole 4-bit base (fastest while it fits on one
+    card). `fsdp_qlora`: the 4-bit weights are stored in bf16 and sharded with FSDP (for bases that
+    do not fit one card). The global batch is per-device batch x processes x gradient accumulation;
+    with one process training runs in the step's own process, exactly as without this section.
+    """
+
+    num_processes: int = Field(1, ge=1)
+    strategy: Literal["ddp", "fsdp_qlora"] = "ddp"
+    main_process_port: int | None = Field(None, gt=0, lt=65536)  # None: a free port is picked
+
+
 class TrainingRecipe(_Settings):
     """The seed recipe: QLoRA (NF4, double quantisation, bf16 compute) with LoRA on all projections.
 
@@ -61,6 +75,11 @@ class TrainingRecipe(_Settings):
     warmup_steps: float = Field(0.03, ge=0.0)  # below 1: a fraction of all steps
     logging_steps: int = Field(10, gt=0)
     seed: int = 42
+    # Reporters beside MLflow (which always records): [] or [wandb]. Off by default, never required.
+    report_to: list[Literal["wandb"]] = Field(default_factory=list)
+    wandb_project: str = "corr2cause-sft"
+    wandb_run_name: str = "sft-lora-4bit"
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
     # Packing: examples are laid end to end in rows of `packing_length` tokens, attention kept inside
     # each example (position ids restart, varlen attention), so no compute goes to padding. The
     # accumulation steps are rescaled so an optimizer step still sees about the seed's number of
@@ -80,6 +99,17 @@ class TrainingRecipe(_Settings):
         if self.packing and self.packing_length < self.max_seq_length:
             raise ValueError("packing_length must be at least max_seq_length, or one example would not fit in a row")
         return self
+
+
+class QualitySettings(_Settings):
+    """Thresholds of the data-quality gate (tracesft.quality)."""
+
+    min_traces: int = Field(1, ge=1)  # verified traces needed to train at all
+    within_length_share: float = Field(1.0, gt=0.0, le=1.0)  # of traces that must fit max_seq_length
+    # Eval problems that also appear among the traces are removed from the eval set; the gate
+    # fails only when too little held-out eval data is left, by count or by share.
+    min_held_out_eval_problems: int = Field(1, ge=0)
+    min_held_out_eval_share: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class EvalSettings(_Settings):
@@ -122,10 +152,14 @@ class RunConfig(_Settings):
 
     traces: list[str] = Field(min_length=1)
     field_map: dict[str, str] = Field(default_factory=dict)
+    # A record ingestion cannot read (e.g. one broken JSONL line): stop the run ("error") or skip
+    # it and list it in the ingested batch and the step's metadata ("skip").
+    on_bad_record: Literal["error", "skip"] = "error"
     base_model: str = PRODUCTION_BASE_MODEL
     base_model_revision: str | None = None
     eval_set: str
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
     training: TrainingRecipe = Field(default_factory=TrainingRecipe)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
@@ -194,3 +228,15 @@ def load_run_config(path: str | Path | None = None) -> RunConfig:
             f"parameters.{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in err.errors()
         )
         raise TracesftError(f"{path}: invalid run configuration: {problems}.") from None
+
+
+def with_traces(path: str | Path, traces: list[str | Path], destination: Path) -> Path:
+    """Write a copy of the run configuration at `path` whose `traces` are replaced; return it.
+
+    Everything else, ZenML settings included, is kept as is, so a scheduled `tracesft retrain`
+    runs the very configuration it was given, on the traces folder it was pointed at.
+    """
+    document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    document["parameters"]["traces"] = [str(trace) for trace in traces]
+    destination.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return destination

@@ -5,7 +5,11 @@ Accepted: a JSON list of records, a JSON object holding the list under `predicti
 directories (a directory contributes its `*.json` and `*.jsonl` files, so new result files can
 simply be dropped into it). Field names differ between harnesses, hence the aliases below and a
 user mapping for anything else. A record that cannot be read stops ingestion with a message that
-names the file, the record and the field: silently dropping it would bias the training data.
+names the file, the record and the field: silently dropping it would bias the training data. Where
+one broken line in a large JSONL file should not block a run, `on_bad_record="skip"` skips such
+records instead, and every skipped one is listed in the batch (file, line or record, and why), so
+it is reported, never silently lost. Whole-file problems (missing, empty, not JSON at all) always
+stop ingestion. JSONL files are streamed line by line, so a large file never sits in memory twice.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 from tracesft.errors import TracesftError
-from tracesft.traces import TraceBatch, TraceRecord
+from tracesft.traces import SkippedRecord, TraceBatch, TraceRecord
+
+OnBadRecord = Literal["error", "skip"]
 
 FIELD_ALIASES: dict[str, tuple[str, ...]] = {
     "query": ("input", "query", "prompt", "question"),
@@ -57,40 +63,63 @@ def content_hash(paths: list[str]) -> str:
     digest = hashlib.sha256()
     for file in discover_result_files(paths):
         digest.update(file.name.encode())
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
+        with file.open("rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()
 
 
-def ingest(paths: list[str], field_map: dict[str, str] | None = None) -> TraceBatch:
-    """Read every record of every result file into `TraceRecord`s with provenance."""
+def ingest(paths: list[str], field_map: dict[str, str] | None = None, on_bad_record: OnBadRecord = "error") -> TraceBatch:
+    """Read every record of every result file into `TraceRecord`s with provenance.
+
+    `on_bad_record="skip"` lists unreadable records in `TraceBatch.skipped` instead of stopping.
+    """
     unknown = set(field_map or {}) - set(FIELD_ALIASES)
     if unknown:
         raise TracesftError(
             f"field_map: unknown field(s) {sorted(unknown)}; map any of {sorted(FIELD_ALIASES)}, "
             "e.g. `field_map: {query: problem_text}`."
         )
+    if on_bad_record not in ("error", "skip"):
+        raise TracesftError(f"on_bad_record: {on_bad_record!r} is not one of 'error', 'skip'.")
     files = discover_result_files(paths)
     records: list[TraceRecord] = []
+    skipped: list[SkippedRecord] = []
     metadata: dict[str, dict] = {}
     for file in files:
-        raw_records, file_metadata = _read_result_file(file)
+        if file.stat().st_size == 0:
+            raise TracesftError(f"{file}: the file is empty; remove it or write its records into it.")
+        raw_records, file_metadata = _jsonl_records(file) if file.suffix == ".jsonl" else _read_json_file(file)
         if file_metadata:
             metadata[str(file)] = file_metadata
-        records.extend(_to_record(raw, str(file), locator, field_map or {}) for locator, raw in raw_records)
+        found = 0
+        for locator, raw in raw_records:
+            found += 1
+            try:
+                if isinstance(raw, TracesftError):
+                    raise raw
+                records.append(_to_record(raw, str(file), locator, field_map or {}))
+            except TracesftError as err:
+                if on_bad_record == "error":
+                    raise
+                skipped.append(SkippedRecord(source=str(file), locator=locator, error=str(err)))
+        if not found:
+            raise TracesftError(f"{file}: holds no records (only blank lines or an empty list).")
     return TraceBatch(
-        records=records, content_hash=content_hash(paths), files=[str(f) for f in files], run_metadata=metadata
+        records=records,
+        content_hash=content_hash(paths),
+        files=[str(f) for f in files],
+        run_metadata=metadata,
+        skipped=skipped,
     )
 
 
-def _read_result_file(file: Path) -> tuple[list[tuple[str, Any]], dict]:
+def _read_json_file(file: Path) -> tuple[list[tuple[str, Any]], dict]:
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise TracesftError(
             f"{file}: not UTF-8 text (byte {err.start} cannot be decoded); re-save the file as UTF-8."
         ) from None
-    if file.suffix == ".jsonl":
-        return list(_jsonl_records(file, text)), {}
     try:
         document = json.loads(text)
     except json.JSONDecodeError as err:
@@ -113,16 +142,30 @@ def _read_result_file(file: Path) -> tuple[list[tuple[str, Any]], dict]:
     return [(f"record {i}", item) for i, item in enumerate(items, start=1)], metadata
 
 
-def _jsonl_records(file: Path, text: str) -> Iterator[tuple[str, Any]]:
-    # Split on newlines only: str.splitlines() also breaks at U+2028 and friends, which JSON
-    # writers leave unescaped inside strings.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"line {number}", json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TracesftError(f"{file} (line {number}): not valid JSON ({err.msg}); fix or remove the line.") from None
+def _jsonl_records(file: Path) -> tuple[Iterator[tuple[str, Any]], dict]:
+    """Stream (locator, record) pairs; a line that cannot be read yields its `TracesftError`."""
+
+    def lines() -> Iterator[tuple[str, Any]]:
+        # Binary lines split on b"\n" only: str.splitlines() would also break at U+2028 and
+        # friends, which JSON writers leave unescaped inside strings.
+        with file.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                where = f"{file} (line {number})"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield f"line {number}", TracesftError(
+                        f"{where}: not UTF-8 text (byte {err.start} of the line); re-save the file as UTF-8."
+                    )
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    yield f"line {number}", json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield f"line {number}", TracesftError(f"{where}: not valid JSON ({err.msg}); fix or remove the line.")
+
+    return lines(), {}
 
 
 def _to_record(raw: Any, source: str, locator: str, field_map: dict[str, str]) -> TraceRecord:

@@ -40,6 +40,8 @@ def quantization_config(recipe: TrainingRecipe) -> Any | None:
         bnb_4bit_quant_type=recipe.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=recipe.use_double_quant,
         bnb_4bit_compute_dtype=torch.bfloat16,
+        # FSDP shards only floating-point tensors: FSDP-QLoRA packs the 4-bit weights in bf16.
+        bnb_4bit_quant_storage=torch.bfloat16 if recipe.distributed.strategy == "fsdp_qlora" else torch.uint8,
     )
 
 
@@ -71,9 +73,10 @@ def load_base_model(
 
 def quantized_base_path(base_model: str, recipe: TrainingRecipe, revision: str | None = None) -> Path | None:
     """Where the 4-bit base of `base_model` is cached: one directory per model, revision and quantisation."""
-    if recipe.quantized_base_cache is None or quantization_config(recipe) is None:
+    quantization = quantization_config(recipe)
+    if recipe.quantized_base_cache is None or quantization is None:
         return None
-    key = json.dumps([base_model, revision, recipe.bnb_4bit_quant_type, recipe.use_double_quant, "bfloat16"])
+    key = json.dumps([base_model, revision, quantization.to_dict()], sort_keys=True, default=str)
     name = f"{Path(base_model).name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     return Path(recipe.quantized_base_cache) / name
 
@@ -96,7 +99,8 @@ def _from_pretrained(source: str, revision: str | None, quantization: Any, attn_
             trust_remote_code=False,
             quantization_config=quantization,
             dtype=torch.bfloat16 if uses_cuda() else torch.float32,
-            device_map={"": 0} if uses_cuda() else None,
+            # Each rank of a multi-GPU run has set its own GPU as the current device.
+            device_map={"": torch.cuda.current_device()} if uses_cuda() else None,
             **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
     except (OSError, ValueError) as err:

@@ -44,3 +44,12 @@ def build_completion(prompt: str, trace: str, gold: int) -> str:
     prefix = "" if opened else THINK_OPEN + "\n"
     answer = "Yes" if gold == 1 else "No"
     return f"{prefix}{reasoning}\n{THINK_CLOSE}\n\nAnswer: {answer}"
+
+
+def prompt_template() -> dict[str, str]:
+    """How `build_prompt` frames a query, stored beside a registered adapter.
+
+    The chat template itself travels in the adapter's tokenizer files; this records the rest, so
+    whoever serves the adapter asks it questions exactly as it was trained and evaluated.
+    """
+    return {"user_message": "{query}\n\n{instruction}", "instruction": INSTRUCTION, "add_generation_prompt": "true"}

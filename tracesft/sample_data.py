@@ -59,7 +59,8 @@ def bundled_rows(name: str) -> list[dict]:
     return list(csv.DictReader(io.StringIO((DATA / name).read_text(encoding="utf-8"))))
 
 
-def _reasoning(query: str, answer_yes: bool, rng: random.Random) -> str:
+def reasoning_text(query: str, answer_yes: bool, rng: random.Random) -> str:
+    """A GPT-style reasoning paragraph that restates the problem and argues for the given answer."""
     premise = query.split("Hypothesis:")[0].replace("Premise:", "").strip()
     hypothesis = query.split("Hypothesis:")[-1].strip()
     relations = premise.split("as follows:")[-1].strip()
@@ -87,7 +88,7 @@ def _reasoning(query: str, answer_yes: bool, rng: random.Random) -> str:
 
 
 def _trace(query: str, answer_yes: bool, index: int, rng: random.Random) -> str:
-    body = _reasoning(query, answer_yes, rng)
+    body = reasoning_text(query, answer_yes, rng)
     if index in UNPARSEABLE:
         return body.rsplit("\n\n", 1)[0] + "\n\nI am still unsure which of the candidate graphs applies here"
     return f"{body}\n\nAnswer: {'Yes' if answer_yes else 'No'}"

@@ -24,6 +24,14 @@ class TraceRecord(BaseModel):
         return f"{self.source} ({self.locator})"
 
 
+class SkippedRecord(BaseModel):
+    """A record ingestion could not read and skipped (only with `on_bad_record: skip`)."""
+
+    source: str
+    locator: str
+    error: str
+
+
 class TraceBatch(BaseModel):
     """All records of one ingestion, with a content hash of the inputs that produced them."""
 
@@ -31,6 +39,7 @@ class TraceBatch(BaseModel):
     content_hash: str
     files: list[str]
     run_metadata: dict[str, dict] = {}  # per file: the non-list fields of a JSON results object
+    skipped: list[SkippedRecord] = []  # unreadable records skipped on request, each reported
 
 
 class RejectedTrace(BaseModel):

@@ -28,12 +28,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tracesft.adapter import LoraAdapter, write_metadata
+from tracesft.adapter import LoraAdapter, save_adapter, write_metadata
 from tracesft.config import TrainingRecipe
 from tracesft.errors import TracesftError
 from tracesft.modeling import load_base_model, load_tokenizer, uses_cuda
 from tracesft.packing import packed_row_plan, register_varlen_attention
 from tracesft.prompting import build_completion, build_prompt
+from tracesft.reporting import reporting_callbacks
 from tracesft.sft_dataset import SFTDataset
 from tracesft.traces import TraceRecord
 
@@ -186,7 +187,7 @@ def prepare_training(
         eval_dataset=validation,
         processing_class=tokenizer,
         peft_config=lora if recipe.use_lora else None,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), *reporting_callbacks(recipe)],
     )
     return PreparedTraining(trainer, tokenizer, checkpoints, row_length, quantized, optimizer,
                             len(train_rows), len(validation_rows))
@@ -214,7 +215,7 @@ def train_lora(
     eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
 
     adapter_dir = output_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
+    save_adapter(trainer, adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
     summary = TrainingSummary(
         train_loss=result.training_loss,
