@@ -21,7 +21,7 @@ from tracesft.adapter import LoraAdapter
 from tracesft.answers import Answer, extract_answer
 from tracesft.config import EvalSettings, RegistrySettings, TrainingRecipe, load_run_config
 from tracesft.errors import TracesftError
-from tracesft.evaluation import generate
+from tracesft.generation import generate_in_batches, hf_batch_generator
 from tracesft.modeling import load_base_model, load_tokenizer
 from tracesft.prompting import build_prompt
 from tracesft.registry import CHAMPION, registry_client
@@ -43,8 +43,12 @@ class LoadedAdapter:
 
     def generate(self, queries: list[str], settings: EvalSettings | None = None) -> list[str]:
         """The model's full outputs (reasoning and answer line), prompted exactly as in training."""
-        prompts = [build_prompt(self.tokenizer, query) for query in queries]
-        return generate(self.model, self.tokenizer, prompts, settings or EvalSettings())
+        settings = settings or EvalSettings()
+        prompts = [
+            self.tokenizer(build_prompt(self.tokenizer, query), add_special_tokens=False)["input_ids"] for query in queries
+        ]
+        outputs, _ = generate_in_batches(prompts, hf_batch_generator(self.model, self.tokenizer, settings), settings.batch_size)
+        return outputs
 
     def answer(self, query: str, settings: EvalSettings | None = None) -> Answer:
         """`yes`, `no` or `none` (no readable answer) for one Corr2Cause query."""
