@@ -15,9 +15,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from tracesft.config import embedded_config_path, load_run_config, with_traces
+from pydantic import BaseModel
+
+from tracesft.config import TrainingRecipe, embedded_config_path, load_run_config, with_traces, with_training_overrides
 from tracesft.errors import TracesftError
 from tracesft.tracking import STATE_DIR
+
+
+# Every scalar or list field of the recipe is a flag; nested settings (`distributed`) stay in the YAML.
+RECIPE_FLAGS = {name: field for name, field in TrainingRecipe.model_fields.items()
+                if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     run = command("run", _run, "Run the pipeline with a run configuration (ZenML run-config YAML).")
     run.add_argument("--config", type=Path, default=None, help="run configuration (default: the embedded one)")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    recipe_flags = run.add_argument_group("training recipe (overrides the configuration's `training:`)")
+    for name, field in RECIPE_FLAGS.items():
+        recipe_flags.add_argument(f"--{name}", dest=f"recipe_{name}", metavar=_metavar(field.annotation),
+                                  help=f"default {field.get_default(call_default_factory=True)!r}")
 
     retrain = command(
         "retrain",
@@ -123,8 +134,20 @@ def _prepare_embedded_workspace() -> None:
     prepare_demo_workspace()
 
 
+def _metavar(annotation: object) -> str:
+    text = str(annotation)
+    for kind, metavar in (("list", "A,B,..."), ("bool", "true|false"), ("int", "INT"), ("float", "FLOAT")):
+        if kind in text:
+            return metavar
+    return "VALUE"
+
+
 def _run(args: argparse.Namespace) -> int:
     config = args.config or embedded_config_path()
+    overrides = {name: getattr(args, f"recipe_{name}") for name in RECIPE_FLAGS
+                 if getattr(args, f"recipe_{name}") is not None}
+    if overrides:
+        config = with_training_overrides(config, overrides, STATE_DIR / "run-configs")
     load_run_config(config)  # fail fast, with a clear message, before ZenML starts
     return _run_and_report(config, args.json)
 

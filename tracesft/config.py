@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tracesft.errors import TracesftError
 
@@ -49,9 +49,12 @@ class DistributedSettings(_Settings):
 class TrainingRecipe(_Settings):
     """The seed recipe: QLoRA (NF4, double quantisation, bf16 compute) with LoRA on all projections.
 
-    Field names follow the seed script's flags so a user of it recognises every knob.
+    Field names follow the seed script's flags so a user of it recognises every knob; each one is
+    also a `tracesft run` flag (`--lora_r 32`), generated from this class. The fields after
+    `seed` are the project's own: how fast and how safely the recipe runs, not what it computes.
     """
 
+    use_lora: bool = True  # false: full fine-tuning (needs use_4bit false: 4-bit weights cannot train)
     use_4bit: bool = True
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     use_double_quant: bool = True
@@ -77,6 +80,25 @@ class TrainingRecipe(_Settings):
     wandb_project: str = "corr2cause-sft"
     wandb_run_name: str = "sft-lora-4bit"
     distributed: DistributedSettings = Field(default_factory=DistributedSettings)
+    # Packing: examples are laid end to end in rows of `packing_length` tokens, attention kept inside
+    # each example (position ids restart, varlen attention), so no compute goes to padding. The
+    # accumulation steps are rescaled so an optimizer step still sees about the seed's number of
+    # tokens (batch x accumulation x mean example length). false: the seed's batching, exactly.
+    packing: bool = True
+    packing_length: int = Field(8192, gt=0)
+    liger_kernels: bool = True  # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, fused CE) on CUDA
+    eval_steps: int | None = Field(None, gt=0)  # validation loss every N steps; None: each epoch
+    save_steps: int = Field(50, gt=0)  # a resumable checkpoint every N optimizer steps
+    checkpoint_dir: str | None = None  # persistent root to resume from (a mounted volume); None: scratch only
+    quantized_base_cache: str | None = None  # directory keeping the 4-bit base once built; None: no cache
+
+    @model_validator(mode="after")
+    def _full_fine_tuning_is_unquantised(self) -> "TrainingRecipe":
+        if not self.use_lora and self.use_4bit:
+            raise ValueError("use_lora false (full fine-tuning) needs use_4bit false: 4-bit weights cannot be trained")
+        if self.packing and self.packing_length < self.max_seq_length:
+            raise ValueError("packing_length must be at least max_seq_length, or one example would not fit in a row")
+        return self
 
 
 class QualitySettings(_Settings):
@@ -141,6 +163,41 @@ class RunConfig(_Settings):
     training: TrainingRecipe = Field(default_factory=TrainingRecipe)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+
+
+def with_training_overrides(path: str | Path | None, overrides: dict[str, str], out_dir: Path) -> Path:
+    """A copy of run configuration `path` with `parameters.training` fields replaced; returns its path.
+
+    Values arrive as command-line strings (`--lora_r 32`, `--use_4bit false`,
+    `--target_modules q_proj,v_proj`, `--checkpoint_dir none`) and are converted by the recipe's
+    own field types, so a bad value is reported like a bad YAML value, with the flag's name.
+    """
+    path = Path(path) if path is not None else embedded_config_path()
+    load_run_config(path)  # a broken base file is reported as such, not as a bad override
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    training = dict(document["parameters"].get("training") or {})
+    for name, text in overrides.items():
+        field = TrainingRecipe.model_fields[name]
+        if text.strip().lower() in ("none", "null") and _accepts_none(field.annotation):
+            training[name] = None
+        elif "list" in str(field.annotation):
+            training[name] = [part.strip() for part in text.split(",") if part.strip()]
+        else:
+            training[name] = text
+    try:
+        recipe = TrainingRecipe.model_validate(training)
+    except ValidationError as err:
+        problems = "; ".join(f"--{'.'.join(str(p) for p in e['loc']) or 'training'}: {e['msg']}" for e in err.errors())
+        raise TracesftError(f"invalid training option: {problems}.") from None
+    document["parameters"]["training"] = recipe.model_dump(include=set(training))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    derived = out_dir / f"{path.stem}.overridden.yaml"
+    derived.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return derived
+
+
+def _accepts_none(annotation: object) -> bool:
+    return "None" in str(annotation)
 
 
 def embedded_config_path() -> Path:

@@ -105,6 +105,11 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+def is_full_model(path: Path) -> bool:
+    """A fully fine-tuned model's directory (weights + config), as opposed to a LoRA adapter's."""
+    return not (Path(path) / "adapter_config.json").exists() and (Path(path) / "config.json").exists()
+
+
 def load_for_inference(
     base_model: str,
     recipe: TrainingRecipe,
@@ -112,9 +117,15 @@ def load_for_inference(
     adapter_path: Path | None = None,
     revision: str | None = None,
 ) -> nn.Module:
-    """The base (plus adapter) as training saw it, merged into dense layers when asked to."""
-    model = load_base_model(base_model, recipe, revision)
-    if adapter_path is not None:
+    """The base (plus adapter) as training saw it, merged into dense layers when asked to.
+
+    A fully fine-tuned model (`use_lora: false`) is its own directory and is loaded as the model.
+    """
+    if adapter_path is not None and is_full_model(adapter_path):
+        model = load_base_model(str(adapter_path), recipe)
+    else:
+        model = load_base_model(base_model, recipe, revision)
+    if adapter_path is not None and not is_full_model(adapter_path):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_path))

@@ -4,16 +4,26 @@
 locally built tiny model exercises the production loading code. Whenever CUDA is present and the
 recipe asks for it, the base is loaded in 4-bit NF4 through bitsandbytes (QLoRA); on a CPU the
 same code path loads it unquantised, since bitsandbytes' 4-bit kernels need a GPU.
+
+Quantising a 32B base from its bf16 shards costs minutes on every run; with
+`quantized_base_cache` set, the 4-bit base is saved there once (safetensors, with its
+quantisation state) and loaded directly afterwards.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from tracesft.config import TrainingRecipe
 from tracesft.errors import TracesftError
+
+logger = logging.getLogger(__name__)
 
 
 def uses_cuda() -> bool:
@@ -47,22 +57,54 @@ def load_tokenizer(base_model: str, revision: str | None = None) -> Any:
     return tokenizer
 
 
-def load_base_model(base_model: str, recipe: TrainingRecipe, revision: str | None = None) -> Any:
+def load_base_model(
+    base_model: str, recipe: TrainingRecipe, revision: str | None = None, attn_implementation: str | None = None
+) -> Any:
+    quantization = quantization_config(recipe)
+    cached = quantized_base_path(base_model, recipe, revision)
+    if cached is not None and (cached / "config.json").exists():
+        logger.info("Loading the 4-bit base from its cache %s.", cached)
+        return _from_pretrained(str(cached), None, None, attn_implementation)
+    model = _from_pretrained(base_model, revision, quantization, attn_implementation)
+    if cached is not None:
+        save_quantized_base(model, cached)
+    return model
+
+
+def quantized_base_path(base_model: str, recipe: TrainingRecipe, revision: str | None = None) -> Path | None:
+    """Where the 4-bit base of `base_model` is cached: one directory per model, revision and quantisation."""
+    quantization = quantization_config(recipe)
+    if recipe.quantized_base_cache is None or quantization is None:
+        return None
+    key = json.dumps([base_model, revision, quantization.to_dict()], sort_keys=True, default=str)
+    name = f"{Path(base_model).name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return Path(recipe.quantized_base_cache) / name
+
+
+def save_quantized_base(model: Any, path: Path) -> None:
+    """Save a bitsandbytes 4-bit model; written beside and renamed, so a crash leaves no half cache."""
+    partial = path.with_name(path.name + ".partial")
+    model.save_pretrained(partial, safe_serialization=True)
+    partial.rename(path)
+    logger.info("Saved the 4-bit base to %s.", path)
+
+
+def _from_pretrained(source: str, revision: str | None, quantization: Any, attn_implementation: str | None) -> Any:
     from transformers import AutoModelForCausalLM
 
-    quantization = quantization_config(recipe)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            base_model,
+            source,
             revision=revision,
             trust_remote_code=False,
             quantization_config=quantization,
             dtype=torch.bfloat16 if uses_cuda() else torch.float32,
             # Each rank of a multi-GPU run has set its own GPU as the current device.
             device_map={"": torch.cuda.current_device()} if uses_cuda() else None,
+            **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
     except (OSError, ValueError) as err:
-        raise _load_error(base_model, err) from None
+        raise _load_error(source, err) from None
 
 
 def _load_error(base_model: str, err: Exception) -> TracesftError:

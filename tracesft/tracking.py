@@ -59,14 +59,70 @@ def use_tracking(settings: RegistrySettings) -> str:
 
 
 def mlflow_logging_callback() -> Any:
-    """A `TrainerCallback` that logs every Trainer log line to the active MLflow run, by step."""
+    """A `TrainerCallback` that sends training to the active MLflow run.
+
+    At each logging step: the Trainer's own values (loss, learning rate, gradient norm, and the
+    validation loss whenever it evaluates), plus real (non-padding) tokens/s and samples/s over the
+    interval and, on CUDA, GPU memory allocated and peak. At the end, a loss-curve PNG.
+    """
+    import time
+
     import mlflow
+    import torch
     from transformers import TrainerCallback
 
     class MlflowLoggingCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            self._examples_per_row = _examples_per_row(train_dataloader)
+            self._last = (time.perf_counter(), state.num_input_tokens_seen, state.global_step)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                numeric = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
-                mlflow.log_metrics(numeric, step=state.global_step)
+            if not (state.is_world_process_zero and logs):
+                return
+            numeric = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+            now, tokens, step = time.perf_counter(), state.num_input_tokens_seen, state.global_step
+            last_time, last_tokens, last_step = self._last
+            if "loss" in logs and now > last_time and step > last_step:
+                rows = (step - last_step) * args.per_device_train_batch_size * args.gradient_accumulation_steps
+                numeric["tokens_per_s"] = (tokens - last_tokens) / (now - last_time)
+                numeric["samples_per_s"] = rows * self._examples_per_row / (now - last_time)
+                self._last = (now, tokens, step)
+            if torch.cuda.is_available():
+                numeric["gpu_memory_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
+                numeric["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            mlflow.log_metrics(numeric, step=state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                mlflow.log_figure(loss_curve(state.log_history), "loss_curve.png")
 
     return MlflowLoggingCallback()
+
+
+def _examples_per_row(dataloader: Any) -> float:
+    """Examples in one training row: 1 unpacked; the mean over the packed rows otherwise."""
+    dataset = getattr(dataloader, "dataset", None)
+    if dataset is None or "seq_lengths" not in getattr(dataset, "column_names", []):
+        return 1.0
+    return sum(len(lengths) for lengths in dataset["seq_lengths"]) / max(len(dataset), 1)
+
+
+def loss_curve(log_history: list[dict[str, Any]]) -> Any:
+    """Training and validation loss against the optimizer step, as a matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "validation")):
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
+        if points:
+            axes.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (completion tokens)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    plt.close(figure)
+    return figure

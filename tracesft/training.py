@@ -1,16 +1,28 @@
-"""QLoRA supervised fine-tuning with TRL's `SFTTrainer` and PEFT LoRA.
+"""Supervised fine-tuning with TRL's `SFTTrainer`: QLoRA by default, full fine-tuning on request.
 
-Each record becomes a prompt (the base model's chat template, via `build_prompt`) and a
-completion (the `<think>` reasoning and the answer line); TRL masks the prompt, so the loss
-covers the completion only. On CUDA the base is 4-bit NF4 and the optimizer the seed's paged
-8-bit AdamW; on a CPU, where neither exists, the base stays in float32 and AdamW is used: same
-code path, same recipe otherwise.
+Each record becomes token ids and a completion mask, tokenized here rather than by TRL so the
+prompt's ids are exactly those evaluation generates from (`build_prompt`, no special tokens
+added: the chat template writes the BOS itself, and a tokenizer that also adds one, as the R1
+distill's does, would double it). The completion is the `<think>` reasoning, the answer line and
+EOS; TRL turns the mask into labels, so the loss covers the completion only.
+
+Fast by default: examples are packed into long rows with attention kept inside each example
+(`tracesft.packing`), and on CUDA Liger's kernels replace RMSNorm, SwiGLU, RoPE and the
+cross-entropy over the 152k vocabulary. `packing: false` trains with the seed's batching exactly.
+On CUDA the base is 4-bit NF4 and the optimizer the seed's paged 8-bit AdamW; on a CPU, where
+neither exists, the base stays in float32 and AdamW is used: same code path, same recipe
+otherwise. Checkpoints go to a persistent directory keyed by everything that determines the
+result, so a preempted run started again with the same inputs resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +30,9 @@ from pydantic import BaseModel
 
 from tracesft.adapter import LoraAdapter, save_adapter, write_metadata
 from tracesft.config import TrainingRecipe
+from tracesft.errors import TracesftError
 from tracesft.modeling import load_base_model, load_tokenizer, uses_cuda
+from tracesft.packing import packed_row_plan, register_varlen_attention
 from tracesft.prompting import build_completion, build_prompt
 from tracesft.reporting import reporting_callbacks
 from tracesft.sft_dataset import SFTDataset
@@ -36,58 +50,127 @@ class TrainingSummary(BaseModel):
     validation_examples: int
     quantized_4bit: bool
     optimizer: str
+    full_fine_tuning: bool = False
+    packed_row_length: int | None = None
+    resumed_from: str | None = None
 
 
-def prompt_completion_rows(records: list[TraceRecord], tokenizer: Any) -> list[dict[str, str]]:
-    rows = []
-    for record in records:
-        prompt = build_prompt(tokenizer, record.query)
-        rows.append({"prompt": prompt, "completion": build_completion(prompt, record.trace, record.gold)})
-    return rows
+def tokenize_record(tokenizer: Any, record: TraceRecord, max_seq_length: int) -> dict[str, list[int]]:
+    """Token ids of prompt + completion + EOS, and a mask that is 1 on the completion only."""
+    prompt = build_prompt(tokenizer, record.query)
+    completion = build_completion(prompt, record.trace, record.gold)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = prompt_ids + completion_ids
+    if len(ids) > max_seq_length:
+        raise TracesftError(
+            f"{record.where}: field `trace`: prompt and trace are {len(ids)} tokens, more than max_seq_length "
+            f"{max_seq_length}; raise training.max_seq_length or drop the record (validation should have caught it)."
+        )
+    return {"input_ids": ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
 
 
-def train_lora(
+def tokenized_rows(records: list[TraceRecord], tokenizer: Any, max_seq_length: int) -> list[dict[str, list[int]]]:
+    return [tokenize_record(tokenizer, record, max_seq_length) for record in records]
+
+
+def checkpoint_directory(recipe: TrainingRecipe, base_model: str, revision: str | None, content_hash: str) -> Path | None:
+    """This run's directory under the persistent `checkpoint_dir`: the same inputs, the same directory.
+
+    The root should outlive the machine (a volume mounted on the training pod), so a preempted
+    step, retried by the orchestrator with the same inputs, finds its checkpoints and resumes.
+    Without a root, checkpoints stay in the step's scratch directory and die with it.
+    """
+    if recipe.checkpoint_dir is None:
+        return None
+    determining = recipe.model_dump(exclude={"checkpoint_dir", "save_steps", "quantized_base_cache"})
+    key = json.dumps([determining, base_model, revision, content_hash], sort_keys=True, default=str)
+    return Path(recipe.checkpoint_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@dataclass
+class PreparedTraining:
+    """An `SFTTrainer` ready to train, and what the summary reports about how it was set up."""
+
+    trainer: Any
+    tokenizer: Any
+    checkpoints: Path
+    packed_row_length: int | None
+    quantized: bool
+    optimizer: str
+    train_examples: int
+    validation_examples: int
+
+
+def prepare_training(
     dataset: SFTDataset,
     base_model: str,
     recipe: TrainingRecipe,
     output_dir: Path,
     revision: str | None = None,
     callbacks: list[Any] | None = None,
-) -> tuple[LoraAdapter, TrainingSummary]:
+    checkpoint_dir: Path | None = None,
+) -> PreparedTraining:
+    """Tokenize, plan the packed rows, load the model and build the trainer; nothing is trained yet."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = load_tokenizer(base_model, revision)
-    model = load_base_model(base_model, recipe, revision)
+    train_rows = tokenized_rows(dataset.train, tokenizer, recipe.max_seq_length)
+    validation_rows = tokenized_rows(dataset.validation, tokenizer, recipe.max_seq_length)
+    if recipe.packing:
+        lengths = [len(row["input_ids"]) for row in train_rows]
+        examples_per_step = recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps
+        row_length, rows_per_step = packed_row_plan(lengths, examples_per_step, recipe.packing_length)
+        batching = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1,
+                    "gradient_accumulation_steps": rows_per_step, "max_length": row_length,
+                    "packing": True, "packing_strategy": "bfd", "padding_free": True}
+        attention = register_varlen_attention()
+    else:
+        row_length, attention = None, None
+        batching = {"per_device_train_batch_size": recipe.per_device_train_batch_size,
+                    "per_device_eval_batch_size": recipe.per_device_train_batch_size,
+                    "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+                    "max_length": recipe.max_seq_length}
+
+    model = load_base_model(base_model, recipe, revision, attn_implementation=attention)
     quantized = getattr(model, "is_loaded_in_4bit", False)
     optimizer = recipe.optim if uses_cuda() else "adamw_torch"
     if optimizer != recipe.optim:
         logger.info("No CUDA: using %s instead of %s (bitsandbytes optimizers need a GPU).", optimizer, recipe.optim)
+    liger = recipe.liger_kernels and uses_cuda() and importlib.util.find_spec("liger_kernel") is not None
+    if recipe.liger_kernels and uses_cuda() and not liger:
+        logger.warning("liger_kernels is on but liger-kernel is not installed: training without it.")
 
-    train = Dataset.from_list(prompt_completion_rows(dataset.train, tokenizer))
-    validation = Dataset.from_list(prompt_completion_rows(dataset.validation, tokenizer)) if dataset.validation else None
+    train = Dataset.from_list(train_rows)
+    validation = Dataset.from_list(validation_rows) if validation_rows else None
+    checkpoints = (checkpoint_dir or checkpoint_directory(recipe, base_model, revision, dataset.content_hash)
+                   or output_dir / "checkpoints")
     args = SFTConfig(
-        output_dir=str(output_dir / "trainer"),
+        output_dir=str(checkpoints),
         learning_rate=recipe.learning_rate,
-        per_device_train_batch_size=recipe.per_device_train_batch_size,
-        per_device_eval_batch_size=recipe.per_device_train_batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
         num_train_epochs=recipe.num_train_epochs,
-        max_length=recipe.max_seq_length,
         gradient_checkpointing=recipe.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         optim=optimizer,
         lr_scheduler_type=recipe.lr_scheduler_type,
         warmup_steps=recipe.warmup_steps,
         logging_steps=recipe.logging_steps,
-        eval_strategy="epoch" if validation is not None else "no",
-        save_strategy="no",
+        eval_strategy="no" if validation is None else ("steps" if recipe.eval_steps else "epoch"),
+        eval_steps=recipe.eval_steps,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=2,
         bf16=uses_cuda(),
+        use_liger_kernel=liger,
         completion_only_loss=True,
+        include_num_input_tokens_seen="non_padding",
         seed=recipe.seed,
         data_seed=recipe.seed,
         report_to="none",
         disable_tqdm=False,
+        **batching,
     )
     lora = LoraConfig(
         r=recipe.lora_r,
@@ -103,11 +186,33 @@ def train_lora(
         train_dataset=train,
         eval_dataset=validation,
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=lora if recipe.use_lora else None,
         callbacks=[*(callbacks or []), *reporting_callbacks(recipe)],
     )
-    result = trainer.train()
-    eval_loss = trainer.evaluate()["eval_loss"] if validation is not None else None
+    return PreparedTraining(trainer, tokenizer, checkpoints, row_length, quantized, optimizer,
+                            len(train_rows), len(validation_rows))
+
+
+def train_lora(
+    dataset: SFTDataset,
+    base_model: str,
+    recipe: TrainingRecipe,
+    output_dir: Path,
+    revision: str | None = None,
+    callbacks: list[Any] | None = None,
+    checkpoint_dir: Path | None = None,
+) -> tuple[LoraAdapter, TrainingSummary]:
+    """Train, resuming from the last checkpoint if one is there, and save the adapter (or, with
+    `use_lora: false`, the whole model) under `output_dir / "adapter"`."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    prepared = prepare_training(dataset, base_model, recipe, output_dir, revision, callbacks, checkpoint_dir)
+    trainer, tokenizer, checkpoints = prepared.trainer, prepared.tokenizer, prepared.checkpoints
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if resume:
+        logger.info("Resuming from %s.", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
 
     adapter_dir = output_dir / "adapter"
     save_adapter(trainer, adapter_dir)
@@ -117,14 +222,18 @@ def train_lora(
         eval_loss=None if eval_loss is None or math.isnan(eval_loss) else float(eval_loss),
         global_steps=result.global_step,
         train_runtime_s=result.metrics["train_runtime"],
-        train_examples=len(train),
-        validation_examples=len(validation) if validation is not None else 0,
-        quantized_4bit=quantized,
-        optimizer=optimizer,
+        train_examples=prepared.train_examples,
+        validation_examples=prepared.validation_examples,
+        quantized_4bit=prepared.quantized,
+        optimizer=prepared.optimizer,
+        full_fine_tuning=not recipe.use_lora,
+        packed_row_length=prepared.packed_row_length,
+        resumed_from=resume,
     )
     adapter = write_metadata(
         adapter_dir,
         {
+            "kind": "lora" if recipe.use_lora else "full",
             "base_model": base_model,
             "base_model_revision": revision,
             "traces_content_hash": dataset.content_hash,

@@ -50,3 +50,38 @@ def test_qlora_trains_saves_and_reloads_in_4bit(tmp_path):
     assert report.model == "fine-tuned" and len(report.predictions) == len(problems)
     print(f"\nGPU check on {torch.cuda.get_device_name()}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
           f"{summary.global_steps} steps in {summary.train_runtime_s:.1f}s, peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+
+
+def test_quantized_base_is_cached_and_loads_back_identical(tmp_path):
+    from tracesft.modeling import load_base_model, load_tokenizer, quantized_base_path
+
+    model_dir = build_tiny_model(tmp_path / "tiny", tokenizer_corpus())
+    recipe = TrainingRecipe(quantized_base_cache=str(tmp_path / "cache"))
+    cached = quantized_base_path(str(model_dir), recipe)
+    built = load_base_model(str(model_dir), recipe)
+    assert (cached / "config.json").exists() and list(cached.glob("*.safetensors"))
+    loaded = load_base_model(str(model_dir), recipe)  # now from the cache
+    assert built.is_loaded_in_4bit and loaded.is_loaded_in_4bit
+    assert loaded.config.quantization_config.bnb_4bit_quant_type == "nf4"
+    ids = load_tokenizer(str(model_dir))("Premise: A correlates with B.", return_tensors="pt")["input_ids"].cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, built(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_packed_training_uses_varlen_attention_and_liger_when_installed(tmp_path):
+    """The project's fast path on CUDA: packed rows, per-example varlen attention, Liger if present."""
+    import importlib.util
+
+    from tracesft.packing import VARLEN_ATTENTION, _torch_varlen
+    from tracesft.training import prepare_training
+
+    model_dir = build_tiny_model(tmp_path / "tiny", tokenizer_corpus())
+    verified = verify(ingest([str(DATA / "sample_traces")])).kept
+    dataset = build_sft_dataset(verified, validation_fraction=0.15, seed=42)
+    recipe = TrainingRecipe(per_device_train_batch_size=4, gradient_accumulation_steps=1, num_train_epochs=1)
+    prepared = prepare_training(dataset, str(model_dir), recipe, tmp_path / "run")
+    assert prepared.trainer.model.config._attn_implementation == VARLEN_ATTENTION
+    assert prepared.trainer.args.use_liger_kernel == (importlib.util.find_spec("liger_kernel") is not None)
+    result = prepared.trainer.train()
+    print(f"\npacked rows of {prepared.packed_row_length} tokens, torch varlen kernel: {_torch_varlen() is not None}, "
+          f"liger: {prepared.trainer.args.use_liger_kernel}, loss {result.training_loss:.3f}")
