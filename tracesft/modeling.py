@@ -64,7 +64,9 @@ def load_base_model(
     cached = quantized_base_path(base_model, recipe, revision)
     if cached is not None and (cached / "config.json").exists():
         logger.info("Loading the 4-bit base from its cache %s.", cached)
-        return _from_pretrained(str(cached), None, None, attn_implementation)
+        # The saved config records the quantisation too; passing it again makes sure the
+        # bitsandbytes loader takes the packed 4-bit tensors as they are.
+        return _from_pretrained(str(cached), None, quantization, attn_implementation)
     model = _from_pretrained(base_model, revision, quantization, attn_implementation)
     if cached is not None:
         save_quantized_base(model, cached)
@@ -97,7 +99,7 @@ def _from_pretrained(source: str, revision: str | None, quantization: Any, attn_
             source,
             revision=revision,
             trust_remote_code=False,
-            quantization_config=quantization,
+            **({"quantization_config": quantization} if quantization is not None else {}),
             dtype=torch.bfloat16 if uses_cuda() else torch.float32,
             # Each rank of a multi-GPU run has set its own GPU as the current device.
             device_map={"": torch.cuda.current_device()} if uses_cuda() else None,
