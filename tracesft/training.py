@@ -172,6 +172,11 @@ def prepare_training(
         disable_tqdm=False,
         **batching,
     )
+    if args.n_gpu > 1:
+        # One process trains on one GPU. With several visible and no launcher, Trainer would wrap
+        # the model in nn.DataParallel, which TRL refuses; Trainer itself sets this for a model
+        # placed by a device map, as ours is (`load_base_model` puts it on the current device).
+        args._n_gpu = 1
     lora = LoraConfig(
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,
