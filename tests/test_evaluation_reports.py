@@ -20,7 +20,7 @@ from tracesft.eval_report import render_evaluation_html
 from tracesft.eval_set import load_eval_set, validation_problems
 from tracesft.eval_tracking import ARTIFACT_DIR, log_evaluation_run
 from tracesft.evaluation import EvalReport, Prediction, evaluate, score_predictions
-from tracesft.inference import merge_for_inference
+from tracesft.inference import LoraLinear, NF4Linear, prepare_for_inference
 from tracesft.modeling import load_base_model
 from tracesft.sample_data import DATA, EVAL_CSV, tokenizer_corpus
 from tracesft.sft_dataset import SFTDataset
@@ -50,29 +50,30 @@ def _random_lora(model: nn.Module, seed: int = 0) -> nn.Module:
 # --- fast inference --------------------------------------------------------------------------
 
 
-def test_merging_an_adapter_keeps_the_function(model_dir: Path) -> None:
+def test_fast_inference_keeps_the_function_of_a_lora_model(model_dir: Path) -> None:
     model = _random_lora(load_base_model(str(model_dir), TrainingRecipe()))
     ids = torch.randint(5, 500, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         before = model(input_ids=ids).logits
-        merged = merge_for_inference(model)
-        after = merged(input_ids=ids).logits
+        prepared = prepare_for_inference(model)
+        after = prepared(input_ids=ids).logits
         plain = load_base_model(str(model_dir), TrainingRecipe())(input_ids=ids).logits
-    assert type(merged).__name__ == "Qwen2ForCausalLM"
-    assert not any("lora" in name for name, _ in merged.named_modules())
-    assert torch.allclose(before, after, atol=1e-5, rtol=1e-4)
+    assert type(prepared).__name__ == "Qwen2ForCausalLM"
+    assert sum(isinstance(m, LoraLinear) for m in prepared.modules()) == 3 * 2  # q, v, down of both layers
+    assert torch.equal(before, after)  # PEFT's arithmetic, op for op
     assert not torch.allclose(plain, after, atol=1e-3)  # the adapter did change the function
 
 
-def test_merging_dequantises_nf4_layers_exactly() -> None:
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_fast_inference_reads_nf4_layers_as_bitsandbytes_does(compute_dtype: torch.dtype) -> None:
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
     class Tiny(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.up = bnb.nn.Linear4bit(64, 128, bias=True, compute_dtype=torch.float32, quant_type="nf4")
-            self.down = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+            self.up = bnb.nn.Linear4bit(64, 128, bias=True, compute_dtype=compute_dtype, quant_type="nf4")
+            self.down = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=compute_dtype, quant_type="nf4")
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.down(torch.relu(self.up(x)))
@@ -80,17 +81,19 @@ def test_merging_dequantises_nf4_layers_exactly() -> None:
     torch.manual_seed(0)
     model = Tiny()
     for layer in (model.up, model.down):
-        layer.weight = bnb.nn.Params4bit(torch.randn(layer.out_features, layer.in_features) * 0.1, requires_grad=False, quant_type="nf4").to("cpu")
+        weight = torch.randn(layer.out_features, layer.in_features) * 0.1
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
+        layer.bias = None if layer.bias is None else nn.Parameter(torch.randn(layer.out_features).to(compute_dtype), requires_grad=False)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["up"]))
     with torch.no_grad():
         peft_model.base_model.model.up.lora_B["default"].weight.normal_(0, 0.1)
-    x = torch.randn(5, 64)
+    x = torch.randn(5, 64).to(compute_dtype)
     with torch.inference_mode():
         expected = peft_model(x)
-        merged = merge_for_inference(peft_model)
-        assert isinstance(merged.up, nn.Linear) and isinstance(merged.down, nn.Linear)
-        assert not hasattr(merged.up, "base_layer")
-        assert torch.allclose(merged(x), expected, atol=1e-5)
+        prepared = prepare_for_inference(peft_model)
+        assert isinstance(prepared.up, LoraLinear) and isinstance(prepared.up.base, NF4Linear)
+        assert isinstance(prepared.down, NF4Linear)
+        torch.testing.assert_close(prepared(x), expected, rtol=0, atol=0 if compute_dtype == torch.float32 else 2e-2)
 
 
 # --- evaluate: three sets, one cache ---------------------------------------------------------
@@ -107,7 +110,7 @@ def test_evaluate_scores_three_sets_and_resumes_from_its_cache(model_dir: Path, 
     assert report.robustness_f1_drop == pytest.approx(report.scores.f1 - report.renamed.scores.f1)
     assert "Z" in report.renamed.predictions[0].input and report.predictions[0].input == problems[0].query
     assert report.generation.generated == 14 and report.generation.from_cache == 0
-    assert report.generation.engine == "dense-merged-fp32"
+    assert report.generation.engine == "dense-fast-fp32"
 
     again = evaluate(str(model_dir), problems, settings, TrainingRecipe(), validation=validation)
     assert again.generation.generated == 0 and again.generation.from_cache == 14
