@@ -54,15 +54,41 @@ def write_metadata(path: Path, metadata: dict[str, Any]) -> LoraAdapter:
 def save_adapter(trainer: Any, adapter_dir: Path) -> None:
     """Write the trained LoRA weights to `adapter_dir`, from whatever holds them.
 
-    Under FSDP each rank holds a shard, so every rank must take part in gathering the full state
-    dict, and only rank 0 writes it. Otherwise (one process, or DDP where each rank holds the
-    whole model) the model saves itself.
+    Under FSDP each rank holds a shard. FSDP-QLoRA's gathered state dict leaves the LoRA weights
+    out (on 2 GPUs it held the base's 55 tensors and no adapter), so the full parameters are
+    summoned instead, into rank 0's CPU memory, and rank 0 writes the LoRA ones. Otherwise (one
+    process, or DDP where each rank holds the whole model) the model saves itself.
     """
     if getattr(trainer, "is_fsdp_enabled", False):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
         accelerator = trainer.accelerator
-        state_dict = accelerator.get_state_dict(trainer.model_wrapped)
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(trainer.model).save_pretrained(adapter_dir, state_dict=state_dict)
+        model = accelerator.unwrap_model(trainer.model)
+        with FullyShardedDataParallel.summon_full_params(trainer.model_wrapped, writeback=False, rank0_only=True, offload_to_cpu=True):
+            if accelerator.is_main_process:
+                weights = {_without_wrapper_names(name): parameter.detach().cpu().clone()
+                           for name, parameter in model.named_parameters() if "lora_" in name}
+                if not weights:
+                    raise RuntimeError("FSDP training left no LoRA weights to save")
+                _write_adapter(model, weights, Path(adapter_dir))
         accelerator.wait_for_everyone()
     else:
         trainer.model.save_pretrained(adapter_dir)
+
+
+def _write_adapter(model: Any, weights: dict[str, Any], adapter_dir: Path) -> None:
+    """The files `PeftModel.from_pretrained` reads, written directly: PEFT's `save_pretrained`
+    filtered these summoned weights down to nothing on 2 GPUs."""
+    from safetensors.torch import save_file
+
+    adapter = model.active_adapter
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    save_file({name.replace(f".{adapter}.", "."): tensor.contiguous() for name, tensor in weights.items()},
+              str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model.peft_config[adapter].save_pretrained(str(adapter_dir))
+
+
+def _without_wrapper_names(key: str) -> str:
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        key = key.replace(wrapper, "")
+    return key
