@@ -4,10 +4,9 @@
   compute) with the LoRA adapter attached unmerged through PEFT, HF `generate` with its dynamic
   KV cache, batch 64, prompt 512, 128 new tokens (248 tokens/s on an H100 in DESIGN.md §5).
 - Project path (`tracesft.inference.prepare_for_inference`, what `evaluation.fast_inference`
-  runs): the same NF4 bytes and the same unmerged adapter, with decoding-sized products in a
-  Triton kernel that dequantises inside the matrix product (`tracesft.nf4_matmul`), the PEFT and
-  bitsandbytes wrappers gone, and a static KV cache, so transformers compiles the decoding step
-  into CUDA graphs; larger batches, since the model stays 18 GB.
+  runs): the same NF4 layers and the same unmerged adapter with PEFT's arithmetic, the PEFT
+  wrapper gone, larger batches (the model stays 18 GB). Timed with transformers' dynamic KV cache
+  (what evaluation runs) and with a static cache whose step transformers compiles into CUDA graphs.
 
 Each run reports end-to-end generated tokens/s (prefill included, the seed probe's measure) and
 the decoding phase alone (from the first new token to the last): prompt processing is compute-bound
@@ -22,8 +21,9 @@ the requested number of tokens (`min_new_tokens`).
 
 Correctness (`outputs_match`): both paths compute the same function. Under teacher forcing their
 logits agree within relative error 2e-2 (‖a−b‖/‖a‖ over all positions), checked twice: on 2 × 64
-tokens (every product takes the decoding kernel) and on 2 × 256 (prompt-sized: dequantise then
-multiply). And on a tiny model of the same architecture on the CPU their greedy generations are
+tokens and on 2 × 256 (bitsandbytes picks its kernels by row count). The seed path against itself,
+one sequence at a time instead of two, is printed beside it: what kernel choice alone moves. And
+on a tiny model of the same architecture on the CPU their greedy generations are
 identical token for token.
 
     python benchmarks/eval_throughput.py --eval-shape    # one H100: the 32B, ~8 minutes
@@ -236,8 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return torch.randint(3, config.vocab_size, (batch, length), generator=generator).to(device)
 
     checks = {"decode-sized (2 x 64)": prompts(2, 64), f"prompt-sized (2 x {args.check_tokens})": prompts(2, args.check_tokens)}
-    eager = EvalSettings(max_new_tokens=args.new_tokens, fast_inference=False)
-    static = eager.model_copy(update={"fast_inference": True})
+    eager = EvalSettings(max_new_tokens=args.new_tokens)
 
     model = build_seed_model(config, device, dtype, recipe, args.seed)
     references = {name: teacher_forced_logits(model, sequences) for name, sequences in checks.items()}
@@ -262,28 +261,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      for name, sequences in checks.items()}
     print({"logits_relative_error": logits_errors}, flush=True)
 
+    compiled = "project: NF4 + unmerged LoRA without PEFT, static cache, compiled"
+    eager_name = "project: NF4 + unmerged LoRA without PEFT, dynamic cache (eager)"
+    project_options = generate_options(eager, device) | {"cache_implementation": "static"}  # transformers compiles it
     size = first_that_fits(
-        "project: NF4 kernel + unmerged LoRA, dynamic cache (eager)", args.project_batches,
-        lambda size: throughput(model, prompts(size, args.prompt_tokens), args.new_tokens,
-                                generate_options(eager, device), device, warmup_tokens=4),
+        compiled if device.type == "cuda" else eager_name, args.project_batches,
+        lambda size: throughput(model, prompts(size, args.prompt_tokens), args.new_tokens, project_options, device),
         rows, device,
     )
     if device.type == "cuda" and size is not None:
-        first_that_fits(
-            "project: NF4 kernel + unmerged LoRA, static cache, compiled", [size],
-            lambda size: throughput(model, prompts(size, args.prompt_tokens), args.new_tokens,
-                                    generate_options(static, device), device),
-            rows, device,
-        )
+        # What removing PEFT's wrappers alone gives, without the compiled step.
+        if time.perf_counter() - started < args.budget_s:
+            first_that_fits(
+                eager_name, [size],
+                lambda size: throughput(model, prompts(size, args.prompt_tokens), args.new_tokens,
+                                        generate_options(eager, device), device, warmup_tokens=4),
+                rows, device,
+            )
         if args.eval_shape and time.perf_counter() - started < args.budget_s:
             first_that_fits(
                 "project, evaluation's shape: static cache, compiled", [size],
                 lambda size: throughput(model, prompts(size, args.eval_prompt_tokens), args.eval_new_tokens,
-                                        generate_options(static, device), device),
+                                        project_options, device),
                 rows, device,
             )
-        elif args.eval_shape:
-            rows.append({"path": "project, evaluation's shape", "batch": size, "skipped": "time budget spent"})
     del model
     greedy_match = greedy_outputs_match(recipe, args.seed)
 
@@ -347,7 +348,7 @@ def main() -> None:
     parser.add_argument("--eval-shape", action="store_true", help="also time the evaluation's shape on the project path (CUDA)")
     parser.add_argument("--eval-prompt-tokens", type=int, default=256)
     parser.add_argument("--eval-new-tokens", type=int, default=1024)
-    parser.add_argument("--budget-s", type=float, default=360.0, help="start the evaluation-shape run only before this many seconds")
+    parser.add_argument("--budget-s", type=float, default=360.0, help="start the optional runs (eager, evaluation shape) only before this many seconds")
     parser.add_argument("--logits-only", action="store_true", help="only the teacher-forced logits checks, printed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)

@@ -20,7 +20,7 @@ from tracesft.eval_report import render_evaluation_html
 from tracesft.eval_set import load_eval_set, validation_problems
 from tracesft.eval_tracking import ARTIFACT_DIR, log_evaluation_run
 from tracesft.evaluation import EvalReport, Prediction, evaluate, score_predictions
-from tracesft.inference import LoraLinear, NF4Linear, prepare_for_inference
+from tracesft.inference import LoraLinear, prepare_for_inference
 from tracesft.modeling import load_base_model
 from tracesft.sample_data import DATA, EVAL_CSV, tokenizer_corpus
 from tracesft.sft_dataset import SFTDataset
@@ -65,7 +65,7 @@ def test_fast_inference_keeps_the_function_of_a_lora_model(model_dir: Path) -> N
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
-def test_fast_inference_reads_nf4_layers_as_bitsandbytes_does(compute_dtype: torch.dtype) -> None:
+def test_fast_inference_keeps_nf4_layers_and_peft_arithmetic(compute_dtype: torch.dtype) -> None:
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
@@ -84,6 +84,7 @@ def test_fast_inference_reads_nf4_layers_as_bitsandbytes_does(compute_dtype: tor
         weight = torch.randn(layer.out_features, layer.in_features) * 0.1
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
         layer.bias = None if layer.bias is None else nn.Parameter(torch.randn(layer.out_features).to(compute_dtype), requires_grad=False)
+    up, down = model.up, model.down
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["up"]))
     with torch.no_grad():
         peft_model.base_model.model.up.lora_B["default"].weight.normal_(0, 0.1)
@@ -91,9 +92,9 @@ def test_fast_inference_reads_nf4_layers_as_bitsandbytes_does(compute_dtype: tor
     with torch.inference_mode():
         expected = peft_model(x)
         prepared = prepare_for_inference(peft_model)
-        assert isinstance(prepared.up, LoraLinear) and isinstance(prepared.up.base, NF4Linear)
-        assert isinstance(prepared.down, NF4Linear)
-        torch.testing.assert_close(prepared(x), expected, rtol=0, atol=0 if compute_dtype == torch.float32 else 2e-2)
+        assert isinstance(prepared.up, LoraLinear) and prepared.up.base is up
+        assert prepared.down is down  # no adapter there: untouched
+        assert torch.equal(prepared(x), expected)
 
 
 # --- evaluate: three sets, one cache ---------------------------------------------------------

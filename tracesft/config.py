@@ -116,7 +116,9 @@ class EvalSettings(_Settings):
     """Generation settings for scoring base and fine-tuned models on the eval set."""
 
     max_new_tokens: int = Field(2048, gt=0)
-    batch_size: int = Field(16, gt=0)
+    # Sequences decoded together; halved on out-of-memory. 64 x (prompt + 2,048) tokens of KV cache
+    # (~38 GB) beside the 18 GB 4-bit 32B fit one 80 GB card.
+    batch_size: int = Field(64, gt=0)
     do_sample: bool = False
     temperature: float = Field(0.6, gt=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
@@ -128,12 +130,11 @@ class EvalSettings(_Settings):
     renamed_variables: bool = True  # also score the eval set with variables renamed A→Z, B→Y, …
     # Per-example generations are cached here, so an interrupted evaluation resumes; None: off.
     cache_dir: str | None = ".tracesft/eval-cache"
-    # On CUDA: dequantise the NF4 base to bf16 and merge the adapter into it, then decode with a
-    # static KV cache (compiled by transformers). Off: the seed's NF4 base + unmerged adapter.
-    # Off by default: on the 32B architecture its teacher-forced logits have not yet been shown
-    # to match the unmerged path within 2e-2 (BENCHMARKS.md), and promotion rests on these scores.
-    fast_inference: bool = False
-    pad_to_multiple_of: int = Field(64, gt=0)  # prompt-length buckets, so compiled shapes repeat
+    # Decode with the seed's very layers (NF4 base, unmerged adapter) rewritten without PEFT's
+    # wrappers (`tracesft.inference`): teacher-forced logits identical to the seed path's on the
+    # 32B architecture, faster (BENCHMARKS.md). false: decode through PEFT, as the seed does.
+    fast_inference: bool = True
+    pad_to_multiple_of: int = Field(64, gt=0)  # prompts are padded to a multiple of this: few distinct shapes
     bootstrap_resamples: int = Field(10_000, gt=0)
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
 

@@ -129,17 +129,15 @@ def generate_options(settings: EvalSettings, device: torch.device) -> dict[str, 
         options |= {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
     else:
         options |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    if settings.fast_inference and device.type == "cuda":
-        options["cache_implementation"] = "static"  # transformers compiles the decoding step for it
     return options
 
 
 def hf_batch_generator(model: Any, tokenizer: Any, settings: EvalSettings) -> BatchGenerator:
     """`model.generate` on left-padded batches; new tokens decoded without special tokens.
 
-    Prompts are padded to a multiple of `pad_to_multiple_of`, so the shapes a compiled step sees
-    repeat across batches. On CUDA with `fast_inference`, a static KV cache lets transformers
-    compile the decoding step (CUDA graphs); elsewhere the default dynamic cache is used.
+    Prompts are padded to a multiple of `pad_to_multiple_of`, so few distinct shapes occur. The
+    KV cache is transformers' dynamic one: a static cache with the step compiled into CUDA graphs
+    was measured slower on the 32B (BENCHMARKS.md).
     """
     tokenizer.padding_side = "left"
     options = generate_options(settings, model.device) | {"pad_token_id": tokenizer.pad_token_id}

@@ -2,19 +2,21 @@
 
 Training sees the base through NF4 and the adapter as a separate low-rank update; evaluation must
 compute the same function, or promotion would rest on scores of another model. The seed decodes
-with exactly those modules (PEFT around bitsandbytes' `Linear4bit`), measured at 248 tokens/s on
-an H100: every step pays Python and launch overhead for ~1,500 small kernels, and bitsandbytes
-dequantises each weight to a bf16 copy before multiplying.
+with exactly those modules, PEFT around bitsandbytes' `Linear4bit`, at 248 tokens/s on an H100:
+its linear products take ~70 ms of a ~200 ms step at batch 64, the rest is Python and the launch
+of thousands of small kernels, a good part of it in PEFT's wrappers.
 
-`prepare_for_inference` keeps the function and changes how it is computed:
-- each 4-bit weight becomes an `NF4Linear`, which reads the same packed NF4 bytes and multiplies
-  with bit-identical bf16 weight values, dequantised inside a Triton kernel for decoding-sized
-  inputs (`tracesft.nf4_matmul`) and through bitsandbytes' own dequantisation for prompts;
-- each LoRA layer becomes a `LoraLinear` with PEFT's arithmetic (adapter in its own dtype, its
-  update rounded and added as PEFT adds it), unmerged: merging into bf16 weights would round every
-  weight once more, which on the 32B architecture moved the logits by 14% (BENCHMARKS.md);
-- the PEFT wrapper and the quantisation record go, so `generate` sees a plain model and, with a
-  static KV cache, compiles the decoding step into CUDA graphs.
+`prepare_for_inference` keeps every product as it is and removes what stands around them: each
+LoRA layer becomes a `LoraLinear`, the very same base layer (the NF4 `Linear4bit`) plus the adapter,
+unmerged, computed with PEFT's arithmetic, so teacher-forced logits are bit for bit the seed's; and
+the PEFT wrapper goes. On the 32B architecture (H200), at batch 128, it generated 1.9x the tokens/s
+the seed path did at its measured batch of 64 (2.4x in the decoding phase); the seed at 128 was not
+measured, so part of that is the batch.
+
+Measured and rejected (BENCHMARKS.md): merging the adapter into bf16 weights (rounds every weight
+once more: logits moved by 14%); a Triton kernel dequantising NF4 inside the product (bit-exact,
+but 2-13x slower per product than bitsandbytes on an H100); a static KV cache with the step
+compiled into CUDA graphs (identical values, but slower than the dynamic cache: 471 vs 532 tokens/s).
 """
 
 from __future__ import annotations
@@ -35,57 +37,13 @@ from tracesft.modeling import load_base_model, quantization_config, uses_cuda
 # 64 GB of a 32B checkpoint on every evaluation would cost minutes for no gain.
 _FULL_HASH_LIMIT = 64 * 2**20
 _SAMPLE = 2**20
-# Inputs of up to this many rows (decoding: one row per sequence of the batch) take the fused
-# kernel; longer ones (prompts) are compute-bound, and dequantise-then-multiply suits them.
-FUSED_MAX_ROWS = 256
-
-
-class NF4Linear(nn.Module):
-    """A bitsandbytes NF4 linear layer for inference, with the double-quantised absmax expanded once."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        import bitsandbytes as bnb
-
-        super().__init__()
-        packed, state = layer.weight.data, layer.weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes repacked it for CPU inference: undo
-            packed, state = bnb.nn.modules._convert_weight_packed_for_cpu_inverse(packed, state)
-        absmax = state.absmax
-        if state.nested:  # as bitsandbytes' dequantize_4bit expands it, before every product
-            absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.blocksize, self.quant_type = state.blocksize, state.quant_type
-        self.dtype = getattr(layer, "compute_dtype", None) or state.dtype
-        self.register_buffer("packed", packed)
-        self.register_buffer("absmax", absmax.float())
-        self.register_buffer("code", state.code.float())
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
-        self.fused = self.packed.is_cuda and _fused_kernel_supports(self.in_features, self.blocksize, self.quant_type)
-
-    def dequantized(self) -> torch.Tensor:
-        return torch.ops.bitsandbytes.dequantize_4bit(
-            self.packed, self.absmax, self.blocksize, self.quant_type, [self.out_features, self.in_features], self.dtype
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype, x = x.dtype, x.to(self.dtype)
-        rows = x.numel() // self.in_features
-        if self.fused and rows <= FUSED_MAX_ROWS:
-            out = torch.ops.tracesft.nf4_matmul(x.reshape(rows, self.in_features), self.packed, self.absmax,
-                                                self.code, self.out_features)
-            if self.bias is not None:
-                out = out + self.bias  # in float32, rounded once below, as cuBLAS adds a bias
-            out = out.to(self.dtype).reshape(*x.shape[:-1], self.out_features)
-        else:
-            out = F.linear(x, self.dequantized(), self.bias)
-        return out.to(input_dtype)
 
 
 class LoraLinear(nn.Module):
     """`base(x)` plus an unmerged LoRA update, computed in the order PEFT computes it.
 
-    The update runs in the adapter's dtype; on a 4-bit base PEFT rounds it to the output dtype
-    before adding, on a plain one it adds first and rounds the sum (`round_update_first`).
+    The update runs in the adapter's dtype; PEFT's bitsandbytes LoRA layers round it to the output
+    dtype before adding, its plain one adds first and rounds the sum (`round_update_first`).
     """
 
     def __init__(self, base: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, round_update_first: bool) -> None:
@@ -104,41 +62,21 @@ class LoraLinear(nn.Module):
         return (result + update).to(result.dtype)
 
 
-def _fused_kernel_supports(in_features: int, blocksize: int, quant_type: str) -> bool:
-    try:
-        from tracesft import nf4_matmul  # registers the op; needs Triton, which CUDA installs of torch bring
-    except ImportError:
-        return False
-    return nf4_matmul.supports(in_features, blocksize, quant_type)
-
-
 def _is_4bit(layer: nn.Module) -> bool:
     return getattr(getattr(layer, "weight", None), "quant_state", None) is not None
 
 
 def prepare_for_inference(model: nn.Module) -> nn.Module:
-    """Rewrite every LoRA layer and every 4-bit layer of `model` in place (see the module's docstring).
+    """Replace every LoRA layer of `model` by a `LoraLinear`, in place (see the module's docstring).
 
-    Returns the underlying transformers model, with the PEFT wrapper and any quantisation record
-    gone, so `generate` treats it as a plain model (and may compile it).
+    Returns the underlying transformers model, without the PEFT wrapper.
     """
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    replaced: list[str] = []
     # Names, not modules: holding every module while replacing them would keep each replaced layer alive.
-    for name in [name for name, _ in base.named_modules()]:
-        if any(name.startswith(f"{done}.") for done in replaced):
-            continue  # inside a LoRA layer already replaced: its base layer went with it
-        module = base.get_submodule(name)
-        if isinstance(module, LoraLayer):
-            _replace(base, name, _lora_linear(module))
-            replaced.append(name)
-        elif _is_4bit(module):
-            _replace(base, name, NF4Linear(module))
-    quantizer = getattr(base, "hf_quantizer", None)
-    if quantizer is not None:  # what transformers' own `dequantize()` clears, so compilation is allowed
-        quantizer.remove_quantization_config(base)
+    for name in [name for name, module in base.named_modules() if isinstance(module, LoraLayer)]:
+        _replace(base, name, _lora_linear(base.get_submodule(name)))
     return base
 
 
@@ -156,11 +94,13 @@ def _lora_linear(lora: Any) -> LoraLinear:
         raise TracesftError("DoRA and fan-in-fan-out adapters are not supported by fast inference; "
                             "set `evaluation.fast_inference: false`.")
     return LoraLinear(
-        NF4Linear(base_layer) if quantized else base_layer,
+        base_layer,
         lora.lora_A[adapter].weight.detach(),
         lora.lora_B[adapter].weight.detach(),
         lora.scaling[adapter],
-        round_update_first=quantized,
+        # Which LoRA class PEFT picked (its bitsandbytes classes only where bitsandbytes has a GPU
+        # backend; a 4-bit layer on a CPU gets the plain one), not the base layer, decides the order.
+        round_update_first=type(lora).__module__ == "peft.tuners.lora.bnb",
     )
 
 
