@@ -206,7 +206,7 @@ def greedy_outputs_match(recipe: TrainingRecipe, seed: int) -> bool:
     return torch.equal(seed_tokens, project_tokens)
 
 
-def first_that_fits(name: str, sizes: list[int], measure: Any, rows: list[dict[str, Any]], device: torch.device) -> int | None:
+def first_that_fits(name: str, sizes: list[int], measure: Any, rows: list[dict[str, Any]]) -> int | None:
     """Measure at each batch size in turn until one fits in memory; return it."""
     for size in sizes:
         try:
@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = first_that_fits(
         compiled if device.type == "cuda" else eager_name, args.project_batches,
         lambda size: throughput(model, prompts(size, args.prompt_tokens), args.new_tokens, project_options, device),
-        rows, device,
+        rows,
     )
     if device.type == "cuda" and size is not None:
         # What removing PEFT's wrappers alone gives, without the compiled step.
@@ -276,14 +276,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 eager_name, [size],
                 lambda size: throughput(model, prompts(size, args.prompt_tokens), args.new_tokens,
                                         generate_options(eager, device), device, warmup_tokens=4),
-                rows, device,
+                rows,
             )
         if args.eval_shape and time.perf_counter() - started < args.budget_s:
             first_that_fits(
                 "project, evaluation's shape: static cache, compiled", [size],
                 lambda size: throughput(model, prompts(size, args.eval_prompt_tokens), args.eval_new_tokens,
                                         project_options, device),
-                rows, device,
+                rows,
             )
     del model
     greedy_match = greedy_outputs_match(recipe, args.seed)

@@ -62,10 +62,6 @@ class LoraLinear(nn.Module):
         return (result + update).to(result.dtype)
 
 
-def _is_4bit(layer: nn.Module) -> bool:
-    return getattr(getattr(layer, "weight", None), "quant_state", None) is not None
-
-
 def prepare_for_inference(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer of `model` by a `LoraLinear`, in place (see the module's docstring).
 
@@ -74,7 +70,6 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # Names, not modules: holding every module while replacing them would keep each replaced layer alive.
     for name in [name for name, module in base.named_modules() if isinstance(module, LoraLayer)]:
         _replace(base, name, _lora_linear(base.get_submodule(name)))
     return base
@@ -82,8 +77,7 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
 
 def _lora_linear(lora: Any) -> LoraLinear:
     base_layer = lora.get_base_layer()
-    quantized = _is_4bit(base_layer)
-    if not (quantized or isinstance(base_layer, nn.Linear)):
+    if not isinstance(base_layer, nn.Linear):  # bitsandbytes' Linear4bit is one too
         raise TracesftError(f"fast inference supports LoRA on linear layers only, not on a {type(base_layer).__name__}.")
     adapters = [name for name in lora.active_adapters if name in lora.lora_A]
     if len(adapters) != 1:

@@ -52,6 +52,5 @@ def test_two_gpus_follow_the_one_gpu_loss_curve(tmp_path, strategy) -> None:
     assert double.global_steps == single.global_steps
     assert two_gpus == pytest.approx(one_gpu, rel=0.02)
     weights = load_file(adapter.path / "adapter_model.safetensors")
-    log = (tmp_path / "two" / "worker.log").read_text(encoding="utf-8", errors="replace").splitlines()
-    assert weights and all("lora_" in name for name in weights), (sorted(weights)[:4], [line for line in log if "FSDP" in line][-5:])
+    assert weights and all("lora_" in name for name in weights)
     assert any(w.abs().sum() > 0 for name, w in weights.items() if "lora_B" in name)  # trained, not just saved
