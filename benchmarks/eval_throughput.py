@@ -3,7 +3,7 @@
 - Seed path: DeepSeek-R1-Distill-Qwen-32B's architecture in NF4 (double quantisation, bf16
   compute) with the LoRA adapter attached unmerged through PEFT, HF `generate` with its dynamic
   KV cache, batch 64, prompt 512, 128 new tokens (248 tokens/s on an H100 in DESIGN.md §5).
-- Project path (`tracesft.inference.prepare_for_inference`, what `evaluation.fast_inference`
+- Project path (`tracesft.generate.inference.prepare_for_inference`, what `evaluation.fast_inference`
   runs): the same NF4 layers and the same unmerged adapter with PEFT's arithmetic, the PEFT
   wrapper gone, larger batches (the model stays 18 GB). Timed with transformers' dynamic KV cache
   (what evaluation runs) and with a static cache whose step transformers compiles into CUDA graphs.
@@ -50,8 +50,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tracesft.config import EvalSettings, TrainingRecipe  # noqa: E402
-from tracesft.generation import generate_options  # noqa: E402
-from tracesft.inference import prepare_for_inference  # noqa: E402
+from tracesft.generate.batching import generate_options  # noqa: E402
+from tracesft.generate.inference import prepare_for_inference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOGITS_TOLERANCE = 2e-2

@@ -1,8 +1,8 @@
 """Multi-GPU QLoRA throughput and loss agreement on the DeepSeek-R1-Distill-Qwen-32B architecture.
 
-For each strategy of `tracesft.distributed` (ddp, fsdp_qlora) it trains on 1 GPU and on 2 GPUs,
+For each strategy of `tracesft.train.distributed` (ddp, fsdp_qlora) it trains on 1 GPU and on 2 GPUs,
 launched with the very `accelerate launch` command the training step uses
-(`tracesft.distributed.launch_command`), and reports tokens/s, scaling (2 GPUs / 1 GPU, same
+(`tracesft.train.distributed.launch_command`), and reports tokens/s, scaling (2 GPUs / 1 GPU, same
 strategy) and whether the loss curves agree. Weights are random (speed and memory do not depend
 on their values; no hub is needed): the model is built on the meta device and each linear layer
 quantised to NF4 on its GPU, as in `../shared/reference/qlora_32b_probe.py`, with the 4-bit data
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tracesft.config import DistributedSettings, TrainingRecipe  # noqa: E402
-from tracesft.distributed import launch_command, worker_environment  # noqa: E402
+from tracesft.train.distributed import launch_command, worker_environment  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 QWEN_32B = dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,

@@ -7,9 +7,9 @@ AdamW, and take an optimizer step every 8 examples (the seed's batch 1 x accumul
 - seed: HF + PEFT + bitsandbytes as the seed runs them: one example per forward, no packing,
   SDPA attention, LoRA weights in fp32 under bf16 autocast (what the HF Trainer does with
   `bf16=True`).
-- project: what `tracesft.training` runs on CUDA: the step's 8 examples packed into as few rows
-  as `packing_length` allows (`tracesft.packing.packed_row_plan`, best-fit decreasing), attention
-  kept inside each example (`tracesft.packing`, varlen flash kernel), Liger kernels (RMSNorm,
+- project: what `tracesft.train.training` runs on CUDA: the step's 8 examples packed into as few rows
+  as `packing_length` allows (`tracesft.train.packing.packed_row_plan`, best-fit decreasing), attention
+  kept inside each example (`tracesft.train.packing`, varlen flash kernel), Liger kernels (RMSNorm,
   SwiGLU, RoPE, fused linear cross-entropy: the 152k-vocabulary logits are never materialised;
   the pipeline gets that from TRL's own chunked LM head, which TRL uses in place of Liger's),
   LoRA weights in bf16 (as TRL sets them for a quantised base), under the same bf16 autocast the
@@ -21,7 +21,7 @@ the meta device and quantised layer by layer on the GPU in seconds (as in
 1,200 tokens, sigma 0.5, clipped to [256, 4096], fixed seed; (b) every example 4,096 tokens.
 Reported: real tokens/s (every token is a real one: neither path pads), peak GiB, the ratios, and
 the loss of both paths on the same examples before any update (LoRA B starts at zero, so both see
-the same function). Then the 4-bit base's save/load round trip (`tracesft.modeling`'s cache).
+the same function). Then the 4-bit base's save/load round trip (`tracesft.train.modeling`'s cache).
 
     python benchmarks/train_throughput.py            # on one H100: writes benchmarks/results/train_throughput.json
     python benchmarks/train_throughput.py --tiny     # CPU plumbing check with a 2-layer model; writes nothing
@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tracesft.packing import VARLEN_ATTENTION, _torch_varlen, packed_row_plan, register_varlen_attention  # noqa: E402
+from tracesft.train.packing import VARLEN_ATTENTION, _torch_varlen, packed_row_plan, register_varlen_attention  # noqa: E402
 
 EXAMPLES_PER_STEP = 8  # the seed recipe: batch 1 x gradient accumulation 8
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -280,7 +280,7 @@ def count_packed_attention_calls() -> dict[str, int]:
     forward (Liger's) dropped them, attention would silently span examples."""
     from transformers import AttentionInterface
 
-    from tracesft.packing import varlen_attention_forward
+    from tracesft.train.packing import varlen_attention_forward
 
     register_varlen_attention()
     calls = {"count": 0}
@@ -296,10 +296,10 @@ def count_packed_attention_calls() -> dict[str, int]:
 # --- the cached 4-bit base ----------------------------------------------------------------------------
 
 def cache_round_trip(model: Any, vocab: int, tiny: bool) -> dict[str, Any]:
-    """Save the 4-bit base as `tracesft.modeling.save_quantized_base` does, load it back, compare."""
+    """Save the 4-bit base as `tracesft.train.modeling.save_quantized_base` does, load it back, compare."""
     from transformers import AutoModelForCausalLM
 
-    from tracesft.modeling import save_quantized_base
+    from tracesft.train.modeling import save_quantized_base
 
     root = Path(tempfile.mkdtemp(prefix="tracesft-qbase-"))
     try:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's tracesft, not an installed one
 
-from tracesft.generator import generate_problems, synthetic_predictions, write_jsonl
-from tracesft.ingest import ingest
-from tracesft.solver import clear_caches, equivalence_class
-from tracesft.verify import verify
+from tracesft.data.generator import generate_problems, synthetic_predictions, write_jsonl
+from tracesft.data.ingest import ingest
+from tracesft.data.solver import clear_caches, equivalence_class
+from tracesft.data.verify import verify
 
 BUDGET_SECONDS = 60.0
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"

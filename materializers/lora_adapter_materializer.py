@@ -14,7 +14,7 @@ from zenml.enums import ArtifactType
 from zenml.materializers.base_materializer import BaseMaterializer
 from zenml.utils import io_utils
 
-from tracesft.adapter import LoraAdapter
+from tracesft.train.adapter import LoraAdapter
 
 
 class LoraAdapterMaterializer(BaseMaterializer):

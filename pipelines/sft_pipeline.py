@@ -33,8 +33,8 @@ from tracesft.config import (
     RegistrySettings,
     TrainingRecipe,
 )
-from tracesft.ingest import content_hash
-from tracesft.eval_set import eval_set_hash
+from tracesft.data.ingest import content_hash
+from tracesft.evaluate.eval_set import eval_set_hash
 
 
 # Each run gets a version of this ZenML model (the Model Control Plane): the register and promote

@@ -4,9 +4,9 @@ from zenml import log_metadata, step
 from zenml.types import MarkdownString
 
 from tracesft.config import DatasetSettings
-from tracesft.quality import QualityReport
-from tracesft.sft_dataset import SFTDataset, build_sft_dataset as build, summarize
-from tracesft.traces import TraceBatch
+from tracesft.data.quality import QualityReport
+from tracesft.data.sft_dataset import SFTDataset, build_sft_dataset as build, summarize
+from tracesft.data.traces import TraceBatch
 
 
 @step

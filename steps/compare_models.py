@@ -3,12 +3,12 @@ from typing import Annotated
 from zenml import log_metadata, step
 from zenml.types import HTMLString
 
-from tracesft.adapter import LoraAdapter
-from tracesft.comparison import ModelComparison, compare_models as compare
+from tracesft.train.adapter import LoraAdapter
+from tracesft.evaluate.comparison import ModelComparison, compare_models as compare
 from tracesft.config import EvalSettings, RegistrySettings
-from tracesft.eval_report import render_evaluation_html
-from tracesft.eval_tracking import log_evaluation_run
-from tracesft.evaluation import EvalReport
+from tracesft.evaluate.eval_report import render_evaluation_html
+from tracesft.evaluate.eval_tracking import log_evaluation_run
+from tracesft.evaluate.evaluation import EvalReport
 
 
 @step

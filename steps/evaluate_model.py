@@ -2,10 +2,10 @@ from typing import Annotated
 
 from zenml import log_metadata, step
 
-from tracesft.adapter import LoraAdapter
+from tracesft.train.adapter import LoraAdapter
 from tracesft.config import EvalSettings, TrainingRecipe
-from tracesft.eval_set import EvalProblem
-from tracesft.evaluation import EvalReport, evaluate
+from tracesft.evaluate.eval_set import EvalProblem
+from tracesft.evaluate.evaluation import EvalReport, evaluate
 
 
 @step

@@ -2,8 +2,8 @@ from typing import Annotated
 
 from zenml import log_metadata, step
 
-from tracesft.ingest import ingest
-from tracesft.traces import TraceBatch
+from tracesft.data.ingest import ingest
+from tracesft.data.traces import TraceBatch
 
 
 @step

@@ -3,8 +3,8 @@ from typing import Annotated
 from zenml import log_metadata, step
 
 from tracesft.config import EvalSettings
-from tracesft.eval_set import EvalProblem, exclude_seen, load_eval_set, stratified_sample
-from tracesft.sft_dataset import SFTDataset
+from tracesft.evaluate.eval_set import EvalProblem, exclude_seen, load_eval_set, stratified_sample
+from tracesft.data.sft_dataset import SFTDataset
 
 
 @step

@@ -2,8 +2,8 @@ from typing import Annotated
 
 from zenml import log_metadata, step
 
-from tracesft.eval_set import EvalProblem, validation_problems
-from tracesft.sft_dataset import SFTDataset
+from tracesft.evaluate.eval_set import EvalProblem, validation_problems
+from tracesft.data.sft_dataset import SFTDataset
 
 
 @step

@@ -2,11 +2,11 @@ from typing import Annotated
 
 from zenml import get_step_context, log_metadata, step
 
-from tracesft.comparison import ModelComparison
+from tracesft.evaluate.comparison import ModelComparison
 from tracesft.config import RegistrySettings
-from tracesft.control_plane import set_stage, stage_for
-from tracesft.evaluation import EvalReport
-from tracesft.registry import PromotionDecision, RegisteredVersion, eval_metrics, promote_if_better
+from tracesft.registry.control_plane import set_stage, stage_for
+from tracesft.evaluate.evaluation import EvalReport
+from tracesft.registry.model_registry import PromotionDecision, RegisteredVersion, eval_metrics, promote_if_better
 
 
 @step

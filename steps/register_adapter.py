@@ -2,11 +2,11 @@ from typing import Annotated
 
 from zenml import get_step_context, log_metadata, step
 
-from tracesft.adapter import LoraAdapter
+from tracesft.train.adapter import LoraAdapter
 from tracesft.config import RegistrySettings
-from tracesft.control_plane import model_version_tags
-from tracesft.evaluation import EvalReport
-from tracesft.registry import RegisteredVersion, eval_metrics, register_adapter as register
+from tracesft.registry.control_plane import model_version_tags
+from tracesft.evaluate.evaluation import EvalReport
+from tracesft.registry.model_registry import RegisteredVersion, eval_metrics, register_adapter as register
 
 from steps.run_context import zenml_run_tags
 

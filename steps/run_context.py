@@ -2,7 +2,7 @@
 
 from zenml import get_step_context
 
-from tracesft.lineage import config_hash, git_commit, zenml_run_url
+from tracesft.registry.lineage import config_hash, git_commit, zenml_run_url
 
 
 def zenml_run_tags() -> dict[str, str]:

@@ -5,11 +5,11 @@ from typing import Annotated
 import mlflow
 from zenml import log_metadata, step
 
-from tracesft.adapter import LoraAdapter, write_metadata
+from tracesft.train.adapter import LoraAdapter, write_metadata
 from tracesft.config import RegistrySettings, TrainingRecipe
-from tracesft.distributed import train
-from tracesft.sft_dataset import SFTDataset
-from tracesft.tracking import mlflow_logging_callback, use_tracking
+from tracesft.train.distributed import train
+from tracesft.data.sft_dataset import SFTDataset
+from tracesft.train.tracking import mlflow_logging_callback, use_tracking
 
 from steps.run_context import zenml_run_tags
 

@@ -4,10 +4,10 @@ from zenml import log_metadata, step
 from zenml.types import HTMLString
 
 from tracesft.config import QualitySettings, RegistrySettings
-from tracesft.eval_set import load_eval_set
-from tracesft.modeling import load_tokenizer
-from tracesft.quality import QualityReport, log_report_to_mlflow, report_html, validate_traces as run_suite
-from tracesft.traces import TraceBatch
+from tracesft.evaluate.eval_set import load_eval_set
+from tracesft.train.modeling import load_tokenizer
+from tracesft.data.quality import QualityReport, log_report_to_mlflow, report_html, validate_traces as run_suite
+from tracesft.data.traces import TraceBatch
 
 from steps.run_context import zenml_run_tags
 

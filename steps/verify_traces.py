@@ -2,8 +2,8 @@ from typing import Annotated
 
 from zenml import log_metadata, step
 
-from tracesft.traces import RejectedTrace, TraceBatch
-from tracesft.verify import verify
+from tracesft.data.traces import RejectedTrace, TraceBatch
+from tracesft.data.verify import verify
 
 
 @step

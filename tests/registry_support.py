@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from tracesft.adapter import LoraAdapter, write_metadata
+from tracesft.train.adapter import LoraAdapter, write_metadata
 from tracesft.config import TrainingRecipe
-from tracesft.tiny_model import build_tiny_model
+from tracesft.train.tiny_model import build_tiny_model
 
 CORPUS = [
     "Premise: Suppose there is a closed system of 3 variables, A, B and C. A correlates with B. "

@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from tracesft.answers import answer_to_label, extract_answer, label_to_answer
+from tracesft.data.answers import answer_to_label, extract_answer, label_to_answer
 
 GPT4_NO = """Let's analyze the causal structure implied by the premise.
 

@@ -9,11 +9,11 @@ from pydantic import ValidationError
 
 from tracesft.config import PRODUCTION_BASE_MODEL, RunConfig, TrainingRecipe, embedded_config_path, load_run_config
 from tracesft.errors import TracesftError
-from tracesft.eval_set import EVAL_COLUMNS, exclude_seen, load_eval_set
-from tracesft.metrics import score_report, scores
-from tracesft.prompting import THINK_CLOSE, THINK_OPEN, build_completion
-from tracesft.sft_dataset import build_sft_dataset, normalize_query, summarize
-from tracesft.traces import TraceBatch, TraceRecord
+from tracesft.evaluate.eval_set import EVAL_COLUMNS, exclude_seen, load_eval_set
+from tracesft.evaluate.metrics import score_report, scores
+from tracesft.data.prompting import THINK_CLOSE, THINK_OPEN, build_completion
+from tracesft.data.sft_dataset import build_sft_dataset, normalize_query, summarize
+from tracesft.data.traces import TraceBatch, TraceRecord
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEVEN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

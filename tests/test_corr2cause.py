@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tracesft.corr2cause import (
+from tracesft.data.corr2cause import (
     CHILD,
     HAS_COLLIDER,
     HAS_CONFOUNDER,

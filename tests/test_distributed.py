@@ -14,14 +14,14 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from tracesft.config import DistributedSettings, RegistrySettings, TrainingRecipe, load_run_config
-from tracesft.distributed import FSDP_QLORA_FLAGS, check_devices, launch_command, read_log_history, train
+from tracesft.train.distributed import FSDP_QLORA_FLAGS, check_devices, launch_command, read_log_history, train
 from tracesft.errors import TracesftError
-from tracesft.ingest import ingest
-from tracesft.sample_data import DATA, tokenizer_corpus
-from tracesft.sft_dataset import build_sft_dataset
-from tracesft.tiny_model import build_tiny_model
-from tracesft.tracking import use_tracking
-from tracesft.verify import verify
+from tracesft.data.ingest import ingest
+from tracesft.data.sample_data import DATA, tokenizer_corpus
+from tracesft.data.sft_dataset import build_sft_dataset
+from tracesft.train.tiny_model import build_tiny_model
+from tracesft.train.tracking import use_tracking
+from tracesft.data.verify import verify
 
 GLOBAL_BATCH = 4
 

@@ -11,13 +11,13 @@ import torch
 
 from tracesft.config import EvalSettings, TrainingRecipe
 from tracesft.errors import TracesftError
-from tracesft.eval_set import EvalProblem, load_eval_set, renamed_problems, stratified_sample, validation_problems
-from tracesft.generation import GenerationCache, cache_key, generate_in_batches, generation_signature
-from tracesft.metrics import paired_bootstrap_f1_difference, scores
-from tracesft.sample_data import DATA, EVAL_CSV, tokenizer_corpus
-from tracesft.sft_dataset import SFTDataset
-from tracesft.traces import TraceRecord
-from tracesft.variable_renaming import declared_variables, rename_variables
+from tracesft.evaluate.eval_set import EvalProblem, load_eval_set, renamed_problems, stratified_sample, validation_problems
+from tracesft.generate.batching import GenerationCache, cache_key, generate_in_batches, generation_signature
+from tracesft.evaluate.metrics import paired_bootstrap_f1_difference, scores
+from tracesft.data.sample_data import DATA, EVAL_CSV, tokenizer_corpus
+from tracesft.data.sft_dataset import SFTDataset
+from tracesft.data.traces import TraceRecord
+from tracesft.evaluate.variable_renaming import declared_variables, rename_variables
 
 EVAL_PATH = Path(str(DATA / EVAL_CSV))
 QUERY = (

@@ -11,21 +11,21 @@ import pytest
 import torch
 from torch import nn
 
-from tracesft.adapter import LoraAdapter, write_metadata
+from tracesft.train.adapter import LoraAdapter, write_metadata
 from tracesft.cli import main
-from tracesft.comparison import compare_models
+from tracesft.evaluate.comparison import compare_models
 from tracesft.config import EvalSettings, RegistrySettings, TrainingRecipe
 from tracesft.errors import TracesftError
-from tracesft.eval_report import render_evaluation_html
-from tracesft.eval_set import load_eval_set, validation_problems
-from tracesft.eval_tracking import ARTIFACT_DIR, log_evaluation_run
-from tracesft.evaluation import EvalReport, Prediction, evaluate, score_predictions
-from tracesft.inference import LoraLinear, prepare_for_inference
-from tracesft.modeling import load_base_model
-from tracesft.sample_data import DATA, EVAL_CSV, tokenizer_corpus
-from tracesft.sft_dataset import SFTDataset
-from tracesft.tiny_model import build_tiny_model
-from tracesft.traces import TraceRecord
+from tracesft.evaluate.eval_report import render_evaluation_html
+from tracesft.evaluate.eval_set import load_eval_set, validation_problems
+from tracesft.evaluate.eval_tracking import ARTIFACT_DIR, log_evaluation_run
+from tracesft.evaluate.evaluation import EvalReport, Prediction, evaluate, score_predictions
+from tracesft.generate.inference import LoraLinear, prepare_for_inference
+from tracesft.train.modeling import load_base_model
+from tracesft.data.sample_data import DATA, EVAL_CSV, tokenizer_corpus
+from tracesft.data.sft_dataset import SFTDataset
+from tracesft.train.tiny_model import build_tiny_model
+from tracesft.data.traces import TraceRecord
 
 EVAL_PATH = Path(str(DATA / EVAL_CSV))
 
@@ -134,7 +134,7 @@ def _report(model: str, answers: list[str]) -> EvalReport:
                    output=texts[a], answer=a, input=p.query)
         for p, a in zip(problems, answers)
     ]
-    from tracesft.evaluation import SetResult
+    from tracesft.evaluate.evaluation import SetResult
 
     renamed = SetResult(scores=score_predictions(predictions[::-1][: len(predictions)]), predictions=predictions)
     return EvalReport(model=model, scores=score_predictions(predictions), predictions=predictions, renamed=renamed)
@@ -162,7 +162,7 @@ def test_evaluation_is_logged_into_the_training_run(tmp_path: Path, monkeypatch:
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     settings = RegistrySettings(experiment_name="eval-test")
-    from tracesft.tracking import use_tracking
+    from tracesft.train.tracking import use_tracking
 
     experiment = use_tracking(settings)
     with mlflow.start_run(experiment_id=experiment) as training_run:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tracesft.corr2cause import TEMPLATES, parse_problem
-from tracesft.eval_set import EVAL_COLUMNS
-from tracesft.generator import generate_problems, premise_text, random_dag, synthetic_predictions, write_jsonl
-from tracesft.ingest import ingest
-from tracesft.solver import equivalence_class, solve_text
-from tracesft.verify import WRONG, verify
+from tracesft.data.corr2cause import TEMPLATES, parse_problem
+from tracesft.evaluate.eval_set import EVAL_COLUMNS
+from tracesft.data.generator import generate_problems, premise_text, random_dag, synthetic_predictions, write_jsonl
+from tracesft.data.ingest import ingest
+from tracesft.data.solver import equivalence_class, solve_text
+from tracesft.data.verify import WRONG, verify
 
 OFFICIAL_TEST_CSV = Path(__file__).resolve().parents[2] / "shared/data/corr2cause/test.csv"
 

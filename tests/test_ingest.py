@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tracesft.errors import TracesftError
-from tracesft.ingest import FIELD_ALIASES, content_hash, ingest
+from tracesft.data.ingest import FIELD_ALIASES, content_hash, ingest
 
 QUERY = "Premise: A correlates with B.\nHypothesis: A directly causes B."
 TRACE = "A correlation alone does not fix the direction of the edge.\n\nAnswer: No"

@@ -85,7 +85,7 @@ def _run(config: Path, capfd) -> dict:
 
 def _versions(config: Path) -> list[dict]:
     from tracesft.config import load_run_config
-    from tracesft.registry import list_versions
+    from tracesft.registry.model_registry import list_versions
 
     return list_versions(load_run_config(config).registry)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tracesft.sample_data import DATA, EVAL_CSV, TRACE_FILES
+from tracesft.data.sample_data import DATA, EVAL_CSV, TRACE_FILES
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -10,13 +10,13 @@ import pytest
 
 from tracesft.config import QualitySettings, RegistrySettings
 from tracesft.errors import TracesftError
-from tracesft.eval_set import EvalProblem, load_eval_set
-from tracesft.ingest import ingest
-from tracesft.modeling import load_tokenizer
-from tracesft.quality import log_report_to_mlflow, report_html, validate_traces
-from tracesft.sample_data import DATA, EVAL_CSV, tokenizer_corpus
-from tracesft.tiny_model import build_tiny_model
-from tracesft.verify import verify
+from tracesft.evaluate.eval_set import EvalProblem, load_eval_set
+from tracesft.data.ingest import ingest
+from tracesft.train.modeling import load_tokenizer
+from tracesft.data.quality import log_report_to_mlflow, report_html, validate_traces
+from tracesft.data.sample_data import DATA, EVAL_CSV, tokenizer_corpus
+from tracesft.train.tiny_model import build_tiny_model
+from tracesft.data.verify import verify
 
 SAMPLE_DIR = Path(str(DATA / "sample_traces"))
 

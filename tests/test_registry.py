@@ -11,11 +11,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from tracesft.adapter import METADATA_FILE, LoraAdapter, write_metadata
+from tracesft.train.adapter import METADATA_FILE, LoraAdapter, write_metadata
 from tracesft.cli import main
 from tracesft.config import RegistrySettings, load_run_config
-from tracesft.prompting import prompt_template
-from tracesft.registry import (
+from tracesft.data.prompting import prompt_template
+from tracesft.registry.model_registry import (
     CHALLENGER,
     CHAMPION,
     PROMPT_TEMPLATE_FILE,
@@ -27,8 +27,8 @@ from tracesft.registry import (
     promote_if_better,
     register_adapter,
 )
-from tracesft.sample_data import DATA, TRACE_PROBLEMS_CSV, UNPARSEABLE, bundled_rows
-from tracesft.tracking import STATE_DIR, resolve_tracking_uri, use_tracking
+from tracesft.data.sample_data import DATA, TRACE_PROBLEMS_CSV, UNPARSEABLE, bundled_rows
+from tracesft.train.tracking import STATE_DIR, resolve_tracking_uri, use_tracking
 
 MODEL = "corr2cause-test-lora"
 CLI_MODEL = load_run_config().registry.model_name  # what every CLI command sees without --config
@@ -155,7 +155,7 @@ def test_champion_stack_pops_rolled_back_reigns() -> None:
 
 
 def test_lineage_helpers(tmp_path: Path) -> None:
-    from tracesft.lineage import config_hash, git_commit
+    from tracesft.registry.lineage import config_hash, git_commit
 
     assert config_hash({"a": 1, "b": {"c": [1, 2]}}) == config_hash({"b": {"c": [1, 2]}, "a": 1})
     assert config_hash({"a": 1}) != config_hash({"a": 2})

@@ -17,11 +17,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from tracesft.adapter import LoraAdapter
+from tracesft.train.adapter import LoraAdapter
 from tracesft.cli import main
 from tracesft.config import EvalSettings, RegistrySettings
 from tracesft.errors import TracesftError
-from tracesft.registry import (
+from tracesft.registry.model_registry import (
     CHALLENGER,
     CHAMPION,
     champion_history,
@@ -32,8 +32,8 @@ from tracesft.registry import (
     registry_client,
     rollback_champion,
 )
-from tracesft.registry_lock import lock_name, registry_lock
-from tracesft.serving import load_registered_adapter
+from tracesft.registry.lock import lock_name, registry_lock
+from tracesft.registry.serving import load_registered_adapter
 
 from tests.registry_support import QUERY, MlflowServer, tiny_adapter, tiny_base
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from tracesft.config import TrainingRecipe, load_run_config
-from tracesft.ingest import ingest
-from tracesft.reporting import reporting_callbacks
-from tracesft.sample_data import DATA, TRACE_FILES, tokenizer_corpus
-from tracesft.sft_dataset import build_sft_dataset
-from tracesft.tiny_model import build_tiny_model
-from tracesft.training import train_lora
-from tracesft.verify import verify
+from tracesft.data.ingest import ingest
+from tracesft.train.reporting import reporting_callbacks
+from tracesft.data.sample_data import DATA, TRACE_FILES, tokenizer_corpus
+from tracesft.data.sft_dataset import build_sft_dataset
+from tracesft.train.tiny_model import build_tiny_model
+from tracesft.train.training import train_lora
+from tracesft.data.verify import verify
 
 WANDB_VARIABLES = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL")
 
@@ -44,7 +44,7 @@ def test_unknown_reporter_is_rejected():
 
 
 def test_missing_credentials_warn_once_and_report_nothing(no_wandb_credentials, caplog):
-    with caplog.at_level(logging.WARNING, logger="tracesft.reporting"):
+    with caplog.at_level(logging.WARNING, logger="tracesft.train.reporting"):
         assert reporting_callbacks(_recipe(report_to=["wandb"])) == []
     [warning] = caplog.records
     assert "WandB reporting is off" in warning.message and "WANDB_API_KEY" in warning.message
@@ -52,7 +52,7 @@ def test_missing_credentials_warn_once_and_report_nothing(no_wandb_credentials, 
 
 def test_missing_package_warns_and_reports_nothing(no_wandb_credentials, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
-    with caplog.at_level(logging.WARNING, logger="tracesft.reporting"):
+    with caplog.at_level(logging.WARNING, logger="tracesft.train.reporting"):
         assert reporting_callbacks(_recipe(report_to=["wandb"])) == []
     [warning] = caplog.records
     assert "not installed" in warning.message

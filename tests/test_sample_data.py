@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tracesft.eval_set import EVAL_COLUMNS, load_eval_set
-from tracesft.sample_data import (
+from tracesft.evaluate.eval_set import EVAL_COLUMNS, load_eval_set
+from tracesft.data.sample_data import (
     DATA,
     EVAL_CSV,
     TRACE_FILES,
@@ -18,7 +18,7 @@ from tracesft.sample_data import (
     select_problems,
     write_sample_traces,
 )
-from tracesft.sft_dataset import normalize_query
+from tracesft.data.sft_dataset import normalize_query
 
 OFFICIAL_TEST_CSV = Path(__file__).resolve().parents[2] / "shared/data/corr2cause/test.csv"
 BUNDLED_CSVS = (TRACE_PROBLEMS_CSV, EVAL_CSV)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tracesft.adapter import LoraAdapter
+from tracesft.train.adapter import LoraAdapter
 from tracesft.errors import TracesftError
-from tracesft.prompting import build_prompt
-from tracesft.serving import MERGED_INFO_FILE, export_merged, parse_model_uri
+from tracesft.data.prompting import build_prompt
+from tracesft.registry.serving import MERGED_INFO_FILE, export_merged, parse_model_uri
 
 from tests.registry_support import QUERY, tiny_adapter, tiny_base
 

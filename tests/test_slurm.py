@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tracesft.sample_data import DATA, TRACE_FILES
+from tracesft.data.sample_data import DATA, TRACE_FILES
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "slurm" / "sft_train.slurm"

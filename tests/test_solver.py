@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tracesft.cli import main
-from tracesft.corr2cause import (
+from tracesft.data.corr2cause import (
     CHILD,
     HAS_COLLIDER,
     HAS_CONFOUNDER,
@@ -26,9 +26,9 @@ from tracesft.corr2cause import (
     parse_premise,
     parse_problem,
 )
-from tracesft.eval_set import EVAL_COLUMNS
-from tracesft.generator import generate_problems, premise_text, random_dag
-from tracesft.solver import Dag, InconsistentPremiseError, d_separations, equivalence_class, holds, solve, solve_text
+from tracesft.evaluate.eval_set import EVAL_COLUMNS
+from tracesft.data.generator import generate_problems, premise_text, random_dag
+from tracesft.data.solver import Dag, InconsistentPremiseError, d_separations, equivalence_class, holds, solve, solve_text
 
 OFFICIAL_TEST_CSV = Path(__file__).resolve().parents[2] / "shared/data/corr2cause/test.csv"
 HEADER = "Suppose there is a closed system of {n} variables, {names}. All the statistical relations among these {n} variables are as follows: "

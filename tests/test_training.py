@@ -18,17 +18,17 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from tracesft.config import EvalSettings, TrainingRecipe
-from tracesft.eval_set import EvalProblem
-from tracesft.evaluation import evaluate
-from tracesft.ingest import ingest
-from tracesft.modeling import load_tokenizer
-from tracesft.packing import VARLEN_ATTENTION, packed_row_plan
-from tracesft.prompting import THINK_CLOSE, build_completion, build_prompt
-from tracesft.sample_data import DATA, tokenizer_corpus
-from tracesft.sft_dataset import SFTDataset
-from tracesft.tiny_model import ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, USER_TOKEN, build_tiny_model
-from tracesft.training import prepare_training, tokenize_record, train_lora
-from tracesft.verify import verify
+from tracesft.evaluate.eval_set import EvalProblem
+from tracesft.evaluate.evaluation import evaluate
+from tracesft.data.ingest import ingest
+from tracesft.train.modeling import load_tokenizer
+from tracesft.train.packing import VARLEN_ATTENTION, packed_row_plan
+from tracesft.data.prompting import THINK_CLOSE, build_completion, build_prompt
+from tracesft.data.sample_data import DATA, tokenizer_corpus
+from tracesft.data.sft_dataset import SFTDataset
+from tracesft.train.tiny_model import ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, USER_TOKEN, build_tiny_model
+from tracesft.train.training import prepare_training, tokenize_record, train_lora
+from tracesft.data.verify import verify
 
 # The real R1-distill template's two traps: it writes the BOS itself (and its tokenizer adds one
 # too), and it cuts everything up to `</think>` out of assistant turns.
@@ -224,7 +224,7 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_adapter(model_dir, r
 
 
 def test_persistent_checkpoint_directory_is_keyed_by_the_inputs(tmp_path) -> None:
-    from tracesft.training import checkpoint_directory
+    from tracesft.train.training import checkpoint_directory
 
     recipe = TrainingRecipe(checkpoint_dir=str(tmp_path))
     here = checkpoint_directory(recipe, "m", None, "a" * 64)
@@ -242,7 +242,7 @@ def test_metrics_and_loss_curve_reach_mlflow(model_dir, records, tmp_path, monke
     from mlflow.artifacts import download_artifacts
 
     from tracesft.config import RegistrySettings
-    from tracesft.tracking import mlflow_logging_callback, use_tracking
+    from tracesft.train.tracking import mlflow_logging_callback, use_tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = use_tracking(RegistrySettings(experiment_name="training-test"))

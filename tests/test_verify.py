@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tracesft.ingest import ingest
-from tracesft.sample_data import (
+from tracesft.data.ingest import ingest
+from tracesft.data.sample_data import (
     DATA,
     DUPLICATED,
     FLAG_CONTRADICTS,
@@ -18,8 +18,8 @@ from tracesft.sample_data import (
     WRONG_ANSWER,
     bundled_rows,
 )
-from tracesft.traces import TraceBatch, TraceRecord
-from tracesft.verify import (
+from tracesft.data.traces import TraceBatch, TraceRecord
+from tracesft.data.verify import (
     DUPLICATE,
     FLAG_CONTRADICTS_TEXT,
     GOLD_CONTRADICTED,
@@ -197,7 +197,7 @@ def test_reasons_are_distinct_constants() -> None:
 
 
 def test_many_traces_of_one_problem_cost_one_solve() -> None:
-    from tracesft.solver import equivalence_class
+    from tracesft.data.solver import equivalence_class
 
     records = [rec(trace=f"Thought {i}.\n\nAnswer: Yes", n=i) for i in range(50)]
     before = equivalence_class.cache_info()

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from tracesft.config import TrainingRecipe, embedded_config_path, load_run_config, with_traces, with_training_overrides
 from tracesft.errors import TracesftError
-from tracesft.tracking import STATE_DIR
+from tracesft.train.tracking import STATE_DIR
 
 
 # Every scalar or list field of the recipe is a flag; nested settings (`distributed`) stay in the YAML.
@@ -166,8 +166,8 @@ def _retrain(args: argparse.Namespace) -> int:
 
 def _run_and_report(config: Path, as_json: bool, shown_config: Path | None = None) -> int:
     from pipelines.run import run_pipeline, run_summary
-    from tracesft.registry import list_versions
-    from tracesft.tracking import resolve_tracking_uri
+    from tracesft.registry.model_registry import list_versions
+    from tracesft.train.tracking import resolve_tracking_uri
 
     settings = load_run_config(config).registry
     summary = run_summary(run_pipeline(config))
@@ -202,22 +202,22 @@ def _run_and_report(config: Path, as_json: bool, shown_config: Path | None = Non
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from tracesft.sample_data import tokenizer_corpus
-    from tracesft.tiny_model import build_tiny_model
+    from tracesft.data.sample_data import tokenizer_corpus
+    from tracesft.train.tiny_model import build_tiny_model
 
     print(build_tiny_model(args.dir, tokenizer_corpus(), seed=args.seed))
     return 0
 
 
 def _parse_answer(args: argparse.Namespace) -> int:
-    from tracesft.answers import extract_answer
+    from tracesft.data.answers import extract_answer
 
     print(extract_answer(sys.stdin.read()))
     return 0
 
 
 def _score(args: argparse.Namespace) -> int:
-    from tracesft.scoring import score_file
+    from tracesft.evaluate.scoring import score_file
 
     report = score_file(args.gold, args.predictions, args.allow_missing)
     if args.json:
@@ -232,8 +232,8 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _verify_traces(args: argparse.Namespace) -> int:
-    from tracesft.ingest import ingest
-    from tracesft.verify import verify
+    from tracesft.data.ingest import ingest
+    from tracesft.data.verify import verify
 
     config = load_run_config(args.config) if args.config else None
     field_map = config.field_map if config else {}
@@ -262,8 +262,8 @@ def _verify_traces(args: argparse.Namespace) -> int:
 
 
 def _solve(args: argparse.Namespace) -> int:
-    from tracesft.eval_set import load_eval_set
-    from tracesft.solver import agreement_report
+    from tracesft.evaluate.eval_set import load_eval_set
+    from tracesft.data.solver import agreement_report
 
     started = time.perf_counter()
     report = agreement_report(load_eval_set(args.csv))
@@ -281,7 +281,7 @@ def _solve(args: argparse.Namespace) -> int:
 
 
 def _adapters_list(args: argparse.Namespace) -> int:
-    from tracesft.registry import list_versions
+    from tracesft.registry.model_registry import list_versions
 
     rows = list_versions(load_run_config(args.config).registry)
     if args.json:
@@ -296,7 +296,7 @@ def _adapters_list(args: argparse.Namespace) -> int:
 
 
 def _adapters_show(args: argparse.Namespace) -> int:
-    from tracesft.registry import list_versions
+    from tracesft.registry.model_registry import list_versions
 
     settings = load_run_config(args.config).registry
     match = [row for row in list_versions(settings) if row["version"] == args.version]
@@ -307,7 +307,7 @@ def _adapters_show(args: argparse.Namespace) -> int:
 
 
 def _adapters_promote(args: argparse.Namespace) -> int:
-    from tracesft.registry import promote_version
+    from tracesft.registry.model_registry import promote_version
 
     settings = load_run_config(args.config).registry
     change = promote_version(settings, args.version, force=args.force, reason=args.reason)
@@ -315,15 +315,15 @@ def _adapters_promote(args: argparse.Namespace) -> int:
 
 
 def _adapters_rollback(args: argparse.Namespace) -> int:
-    from tracesft.registry import rollback_champion
+    from tracesft.registry.model_registry import rollback_champion
 
     settings = load_run_config(args.config).registry
     return _report_change(settings, rollback_champion(settings, reason=args.reason), args.json)
 
 
 def _report_change(settings, change, as_json: bool) -> int:
-    from tracesft.control_plane import mirror_champion
-    from tracesft.registry import list_versions
+    from tracesft.registry.control_plane import mirror_champion
+    from tracesft.registry.model_registry import list_versions
 
     tags = next((row["tags"] for row in list_versions(settings) if row["version"] == change.version), {})
     mirrored = mirror_champion(tags)
@@ -337,7 +337,7 @@ def _report_change(settings, change, as_json: bool) -> int:
 
 
 def _adapters_history(args: argparse.Namespace) -> int:
-    from tracesft.registry import champion_history
+    from tracesft.registry.model_registry import champion_history
 
     history = champion_history(load_run_config(args.config).registry)
     if args.json:
@@ -351,7 +351,7 @@ def _adapters_history(args: argparse.Namespace) -> int:
 
 
 def _adapters_export(args: argparse.Namespace) -> int:
-    from tracesft.serving import export_registered_merged
+    from tracesft.registry.serving import export_registered_merged
 
     settings = load_run_config(args.config).registry
     out = export_registered_merged(settings, args.version, args.merged, args.base_model, args.dtype)

@@ -102,7 +102,7 @@ class TrainingRecipe(_Settings):
 
 
 class QualitySettings(_Settings):
-    """Thresholds of the data-quality gate (tracesft.quality)."""
+    """Thresholds of the data-quality gate (tracesft.data.quality)."""
 
     min_traces: int = Field(1, ge=1)  # verified traces needed to train at all
     within_length_share: float = Field(1.0, gt=0.0, le=1.0)  # of traces that must fit max_seq_length
@@ -131,7 +131,7 @@ class EvalSettings(_Settings):
     # Per-example generations are cached here, so an interrupted evaluation resumes; None: off.
     cache_dir: str | None = ".tracesft/eval-cache"
     # Decode with the seed's very layers (NF4 base, unmerged adapter) rewritten without PEFT's
-    # wrappers (`tracesft.inference`): teacher-forced logits identical to the seed path's on the
+    # wrappers (`tracesft.generate.inference`): teacher-forced logits identical to the seed path's on the
     # 32B architecture, faster (BENCHMARKS.md). false: decode through PEFT, as the seed does.
     fast_inference: bool = True
     pad_to_multiple_of: int = Field(64, gt=0)  # prompts are padded to a multiple of this: few distinct shapes

@@ -10,9 +10,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tracesft.sample_data import DATA, EVAL_CSV, TRACE_FILES, tokenizer_corpus
-from tracesft.tiny_model import build_tiny_model
-from tracesft.tracking import STATE_DIR
+from tracesft.data.sample_data import DATA, EVAL_CSV, TRACE_FILES, tokenizer_corpus
+from tracesft.train.tiny_model import build_tiny_model
+from tracesft.train.tracking import STATE_DIR
 
 
 def prepare_demo_workspace(state_dir: Path = STATE_DIR) -> None:

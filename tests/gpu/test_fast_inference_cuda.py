@@ -10,7 +10,7 @@ rewrite, compiled as `generate` compiles a static-cache step, gives the same val
 import pytest
 import torch
 
-from tracesft.inference import LoraLinear, prepare_for_inference
+from tracesft.generate.inference import LoraLinear, prepare_for_inference
 
 pytestmark = [
     pytest.mark.gpu,

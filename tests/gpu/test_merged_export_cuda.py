@@ -2,7 +2,7 @@
 
 Skipped without CUDA. On a CUDA machine: `python -m pytest tests/gpu -m gpu -q`. On a CPU the
 base never loads in 4-bit, so `tests/test_serving.py` covers only the unquantised merge; this
-covers the `dequantize()` branch of `tracesft.serving.merge_adapter`: the merged bf16 model must
+covers the `dequantize()` branch of `tracesft.registry.serving.merge_adapter`: the merged bf16 model must
 answer like the unmerged adapter on the 4-bit base it was trained against.
 """
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tracesft.config import TrainingRecipe
-from tracesft.modeling import load_base_model
-from tracesft.prompting import build_prompt
-from tracesft.serving import export_merged
+from tracesft.train.modeling import load_base_model
+from tracesft.data.prompting import build_prompt
+from tracesft.registry.serving import export_merged
 
 from tests.registry_support import QUERY, tiny_adapter, tiny_base
 

@@ -1,7 +1,7 @@
 """GPU check of the production multi-GPU path: 4-bit tiny model, 2 GPUs, ddp and fsdp_qlora.
 
 Skipped without 2 CUDA devices. On such a machine: `python -m pytest tests/gpu/test_multi_gpu.py -m gpu -q -s`.
-For each strategy, `tracesft.distributed.train` trains the same global batch on 1 GPU (in this
+For each strategy, `tracesft.train.distributed.train` trains the same global batch on 1 GPU (in this
 process) and on 2 GPUs (`accelerate launch`, the worker, `train_lora` with NF4 + paged 8-bit
 AdamW); the loss curves must agree within bf16 noise, and rank 0's adapter must load.
 """
@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from tracesft.config import DistributedSettings, TrainingRecipe
-from tracesft.distributed import read_log_history, train
-from tracesft.ingest import ingest
-from tracesft.sample_data import DATA, tokenizer_corpus
-from tracesft.sft_dataset import build_sft_dataset
-from tracesft.tiny_model import build_tiny_model
-from tracesft.verify import verify
+from tracesft.train.distributed import read_log_history, train
+from tracesft.data.ingest import ingest
+from tracesft.data.sample_data import DATA, tokenizer_corpus
+from tracesft.data.sft_dataset import build_sft_dataset
+from tracesft.train.tiny_model import build_tiny_model
+from tracesft.data.verify import verify
 
 pytestmark = [
     pytest.mark.gpu,

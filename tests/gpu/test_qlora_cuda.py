@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from tracesft.config import EvalSettings, TrainingRecipe
-from tracesft.eval_set import EvalProblem
-from tracesft.evaluation import evaluate
-from tracesft.ingest import ingest
-from tracesft.sample_data import DATA, tokenizer_corpus
-from tracesft.sft_dataset import build_sft_dataset
-from tracesft.tiny_model import build_tiny_model
-from tracesft.training import train_lora
-from tracesft.verify import verify
+from tracesft.evaluate.eval_set import EvalProblem
+from tracesft.evaluate.evaluation import evaluate
+from tracesft.data.ingest import ingest
+from tracesft.data.sample_data import DATA, tokenizer_corpus
+from tracesft.data.sft_dataset import build_sft_dataset
+from tracesft.train.tiny_model import build_tiny_model
+from tracesft.train.training import train_lora
+from tracesft.data.verify import verify
 
 pytestmark = [
     pytest.mark.gpu,
@@ -53,7 +53,7 @@ def test_qlora_trains_saves_and_reloads_in_4bit(tmp_path):
 
 
 def test_quantized_base_is_cached_and_loads_back_identical(tmp_path):
-    from tracesft.modeling import load_base_model, load_tokenizer, quantized_base_path
+    from tracesft.train.modeling import load_base_model, load_tokenizer, quantized_base_path
 
     model_dir = build_tiny_model(tmp_path / "tiny", tokenizer_corpus())
     recipe = TrainingRecipe(quantized_base_cache=str(tmp_path / "cache"))
@@ -72,8 +72,8 @@ def test_packed_training_uses_varlen_attention_and_liger_when_installed(tmp_path
     """The project's fast path on CUDA: packed rows, per-example varlen attention, Liger if present."""
     import importlib.util
 
-    from tracesft.packing import VARLEN_ATTENTION, _torch_varlen
-    from tracesft.training import prepare_training
+    from tracesft.train.packing import VARLEN_ATTENTION, _torch_varlen
+    from tracesft.train.training import prepare_training
 
     model_dir = build_tiny_model(tmp_path / "tiny", tokenizer_corpus())
     verified = verify(ingest([str(DATA / "sample_traces")])).kept

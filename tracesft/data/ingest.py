@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from tracesft.errors import TracesftError
-from tracesft.traces import SkippedRecord, TraceBatch, TraceRecord
+from tracesft.data.traces import SkippedRecord, TraceBatch, TraceRecord
 
 OnBadRecord = Literal["error", "skip"]
 

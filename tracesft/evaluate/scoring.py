@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tracesft.answers import extract_answer
+from tracesft.data.answers import extract_answer
 from tracesft.errors import TracesftError
-from tracesft.eval_set import EvalProblem, load_eval_set
-from tracesft.evaluation import Prediction, score_predictions
-from tracesft.metrics import ScoreReport
-from tracesft.sft_dataset import normalize_query
+from tracesft.evaluate.eval_set import EvalProblem, load_eval_set
+from tracesft.evaluate.evaluation import Prediction, score_predictions
+from tracesft.evaluate.metrics import ScoreReport
+from tracesft.data.sft_dataset import normalize_query
 
 _SHOWN = 5  # how many offending rows an error message lists
 

@@ -16,7 +16,7 @@ from collections import defaultdict
 import numpy as np
 from pydantic import BaseModel
 
-from tracesft.answers import Answer
+from tracesft.data.answers import Answer
 
 
 class Scores(BaseModel):

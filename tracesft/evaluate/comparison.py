@@ -12,8 +12,8 @@ from pydantic import BaseModel
 
 from tracesft.config import EvalSettings
 from tracesft.errors import TracesftError
-from tracesft.evaluation import EvalReport
-from tracesft.metrics import F1DifferenceInterval, paired_bootstrap_f1_difference
+from tracesft.evaluate.evaluation import EvalReport
+from tracesft.evaluate.metrics import F1DifferenceInterval, paired_bootstrap_f1_difference
 
 
 class ModelComparison(BaseModel):

@@ -30,13 +30,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from tracesft.adapter import LoraAdapter
+from tracesft.train.adapter import LoraAdapter
 from tracesft.config import RegistrySettings
 from tracesft.errors import TracesftError
-from tracesft.evaluation import EvalReport
-from tracesft.prompting import prompt_template
-from tracesft.registry_lock import registry_lock
-from tracesft.tracking import resolve_tracking_uri, use_tracking
+from tracesft.evaluate.evaluation import EvalReport
+from tracesft.data.prompting import prompt_template
+from tracesft.registry.lock import registry_lock
+from tracesft.train.tracking import resolve_tracking_uri, use_tracking
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"

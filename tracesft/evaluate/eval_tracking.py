@@ -11,13 +11,13 @@ import re
 
 import pandas as pd
 
-from tracesft.adapter import LoraAdapter
-from tracesft.comparison import ModelComparison
+from tracesft.train.adapter import LoraAdapter
+from tracesft.evaluate.comparison import ModelComparison
 from tracesft.config import RegistrySettings
-from tracesft.eval_report import evaluation_figure, plt, render_evaluation_html  # selects the Agg backend
-from tracesft.evaluation import EvalReport, Prediction
-from tracesft.metrics import ScoreReport
-from tracesft.tracking import use_tracking
+from tracesft.evaluate.eval_report import evaluation_figure, plt, render_evaluation_html  # selects the Agg backend
+from tracesft.evaluate.evaluation import EvalReport, Prediction
+from tracesft.evaluate.metrics import ScoreReport
+from tracesft.train.tracking import use_tracking
 
 ARTIFACT_DIR = "evaluation"
 _METRICS = ("f1", "precision", "recall", "accuracy", "parse_failure_rate")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations
 
-from tracesft.corr2cause import (
+from tracesft.data.corr2cause import (
     CHILD,
     HAS_COLLIDER,
     HAS_CONFOUNDER,
@@ -47,7 +47,7 @@ from tracesft.corr2cause import (
     Problem,
     parse_problem,
 )
-from tracesft.eval_set import EvalProblem
+from tracesft.evaluate.eval_set import EvalProblem
 
 
 class InconsistentPremiseError(MalformedProblemError):

@@ -2,7 +2,7 @@
 
 With `recipe.distributed.num_processes == 1` nothing changes: `train` calls `train_lora` in the
 calling process. With more, `train` writes the dataset and recipe to files, starts one worker per
-GPU (`python -m tracesft.distributed_worker`) through `accelerate launch`, waits, and returns
+GPU (`python -m tracesft.train.distributed_worker`) through `accelerate launch`, waits, and returns
 rank 0's adapter and summary. A subprocess (rather than ZenML's `run_with_accelerate` decorator)
 because the process count and strategy come from the run configuration, which a decorator
 applied at import time cannot see, and because the HF integration's requirements would
@@ -30,12 +30,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tracesft.adapter import LoraAdapter
+from tracesft.train.adapter import LoraAdapter
 from tracesft.config import DistributedSettings, TrainingRecipe
 from tracesft.errors import TracesftError
-from tracesft.modeling import uses_cuda
-from tracesft.sft_dataset import SFTDataset
-from tracesft.training import TrainingSummary, train_lora
+from tracesft.train.modeling import uses_cuda
+from tracesft.data.sft_dataset import SFTDataset
+from tracesft.train.training import TrainingSummary, train_lora
 
 DATASET_FILE = "dataset.json"
 RECIPE_FILE = "recipe.json"
@@ -74,7 +74,7 @@ def train(
     """`train_lora` on as many processes as the recipe asks for; one process runs in this one.
 
     `callbacks` only reach an in-process run; a launched run logs to the active MLflow run itself
-    (see `tracesft.distributed_worker`).
+    (see `tracesft.train.distributed_worker`).
     """
     if recipe.distributed.num_processes == 1:
         return train_lora(dataset, base_model, recipe, output_dir, revision, callbacks=callbacks)
@@ -97,7 +97,7 @@ def train_lora_distributed(
     use_cpu = not uses_cuda()
     command = launch_command(recipe.distributed, use_cpu) + [
         "-m",
-        "tracesft.distributed_worker",
+        "tracesft.train.distributed_worker",
         "--dataset", str(output_dir / DATASET_FILE),
         "--recipe", str(output_dir / RECIPE_FILE),
         "--base-model", base_model,

@@ -7,7 +7,7 @@ distill's does, would double it). The completion is the `<think>` reasoning, the
 EOS; TRL turns the mask into labels, so the loss covers the completion only.
 
 Fast by default: examples are packed into long rows with attention kept inside each example
-(`tracesft.packing`), and on CUDA Liger's kernels replace RMSNorm, SwiGLU, RoPE and the
+(`tracesft.train.packing`), and on CUDA Liger's kernels replace RMSNorm, SwiGLU, RoPE and the
 cross-entropy over the 152k vocabulary. `packing: false` trains with the seed's batching exactly.
 On CUDA the base is 4-bit NF4 and the optimizer the seed's paged 8-bit AdamW; on a CPU, where
 neither exists, the base stays in float32 and AdamW is used: same code path, same recipe
@@ -28,15 +28,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tracesft.adapter import LoraAdapter, save_adapter, write_metadata
+from tracesft.train.adapter import LoraAdapter, save_adapter, write_metadata
 from tracesft.config import TrainingRecipe
 from tracesft.errors import TracesftError
-from tracesft.modeling import load_base_model, load_tokenizer, uses_cuda
-from tracesft.packing import packed_row_plan, register_varlen_attention
-from tracesft.prompting import build_completion, build_prompt
-from tracesft.reporting import reporting_callbacks
-from tracesft.sft_dataset import SFTDataset
-from tracesft.traces import TraceRecord
+from tracesft.train.modeling import load_base_model, load_tokenizer, uses_cuda
+from tracesft.train.packing import packed_row_plan, register_varlen_attention
+from tracesft.data.prompting import build_completion, build_prompt
+from tracesft.train.reporting import reporting_callbacks
+from tracesft.data.sft_dataset import SFTDataset
+from tracesft.data.traces import TraceRecord
 
 logger = logging.getLogger(__name__)
 

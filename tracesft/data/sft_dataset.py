@@ -12,7 +12,7 @@ from collections import Counter
 
 from pydantic import BaseModel
 
-from tracesft.traces import TraceBatch, TraceRecord
+from tracesft.data.traces import TraceBatch, TraceRecord
 
 
 class SFTDataset(BaseModel):

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, computed_field
 
-from tracesft.answers import Answer, extract_answer
+from tracesft.data.answers import Answer, extract_answer
 from tracesft.config import EvalSettings, TrainingRecipe
-from tracesft.eval_set import EvalProblem, renamed_problems
-from tracesft.generation import (
+from tracesft.evaluate.eval_set import EvalProblem, renamed_problems
+from tracesft.generate.batching import (
     GenerationCache,
     GenerationStats,
     cache_key,
@@ -24,10 +24,10 @@ from tracesft.generation import (
     generation_signature,
     hf_batch_generator,
 )
-from tracesft.inference import directory_fingerprint, engine_name, load_for_inference, model_identity
-from tracesft.metrics import ScoreReport, score_report
-from tracesft.modeling import load_tokenizer
-from tracesft.prompting import build_prompt
+from tracesft.generate.inference import directory_fingerprint, engine_name, load_for_inference, model_identity
+from tracesft.evaluate.metrics import ScoreReport, score_report
+from tracesft.train.modeling import load_tokenizer
+from tracesft.data.prompting import build_prompt
 
 TEST, RENAMED, VALIDATION = "test", "renamed", "validation"
 

@@ -2,7 +2,7 @@
 
 `select_problems` draws a seeded, label-stratified sample of the official Corr2Cause test split:
 problems for the teacher traces and a disjoint set for evaluation, bundled as CSVs in
-`tracesft/data/`. `write_sample_traces` turns the trace problems into two GPT-style result files
+`tracesft/bundled/`. `write_sample_traces` turns the trace problems into two GPT-style result files
 (one JSON object with run metadata, one JSONL, with different harness field names) whose
 reasoning restates each problem and ends in an answer. A few are deliberately bad, one of each
 kind verification must catch: wrong answers, a `correct` flag that contradicts the text, an
@@ -19,9 +19,9 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from tracesft.eval_set import EVAL_COLUMNS
+from tracesft.evaluate.eval_set import EVAL_COLUMNS
 
-DATA = resources.files("tracesft") / "data"
+DATA = resources.files("tracesft") / "bundled"
 TRACE_PROBLEMS_CSV = "corr2cause_trace_problems.csv"
 EVAL_CSV = "corr2cause_eval.csv"
 TRACE_FILES = ("gpt4o_corr2cause_run1.json", "gpt4o_corr2cause_run2.jsonl")

@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from tracesft.adapter import LoraAdapter
-from tracesft.answers import Answer, extract_answer
+from tracesft.train.adapter import LoraAdapter
+from tracesft.data.answers import Answer, extract_answer
 from tracesft.config import EvalSettings, RegistrySettings, TrainingRecipe, load_run_config
 from tracesft.errors import TracesftError
-from tracesft.generation import generate_in_batches, hf_batch_generator
-from tracesft.modeling import load_base_model, load_tokenizer
-from tracesft.prompting import build_prompt
-from tracesft.registry import CHAMPION, registry_client
+from tracesft.generate.batching import generate_in_batches, hf_batch_generator
+from tracesft.train.modeling import load_base_model, load_tokenizer
+from tracesft.data.prompting import build_prompt
+from tracesft.registry.model_registry import CHAMPION, registry_client
 
 _MODELS_SCHEME = "models:/"
 MERGED_INFO_FILE = "tracesft_merged.json"

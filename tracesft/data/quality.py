@@ -23,13 +23,13 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel
 
-from tracesft.answers import answer_to_label, extract_answer
+from tracesft.data.answers import answer_to_label, extract_answer
 from tracesft.config import QualitySettings, RegistrySettings
 from tracesft.errors import TracesftError
-from tracesft.eval_set import EvalProblem
-from tracesft.prompting import ChatTokenizer, build_completion, build_prompt
-from tracesft.sft_dataset import normalize_query
-from tracesft.traces import TraceBatch
+from tracesft.evaluate.eval_set import EvalProblem
+from tracesft.data.prompting import ChatTokenizer, build_completion, build_prompt
+from tracesft.data.sft_dataset import normalize_query
+from tracesft.data.traces import TraceBatch
 
 COLUMNS = ["query", "trace", "gold", "answer", "answer_matches_gold", "token_length", "where"]
 
@@ -224,7 +224,7 @@ def log_report_to_mlflow(report: QualityReport, settings: RegistrySettings, tags
     """
     import mlflow
 
-    from tracesft.tracking import use_tracking
+    from tracesft.train.tracking import use_tracking
 
     experiment_id = use_tracking(settings)
     run_name = f"data-quality {tags.get('zenml_run_name', '')}".strip()

@@ -20,7 +20,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tracesft.corr2cause import (
+from tracesft.data.corr2cause import (
     CHILD,
     HAS_COLLIDER,
     HAS_CONFOUNDER,
@@ -32,8 +32,8 @@ from tracesft.corr2cause import (
     parse_hypothesis,
     parse_premise,
 )
-from tracesft.sample_data import reasoning_text
-from tracesft.solver import Dag, d_separations, solve
+from tracesft.data.sample_data import reasoning_text
+from tracesft.data.solver import Dag, d_separations, solve
 
 VARIABLE_NAMES = "ABCDEF"
 _HYPOTHESES_PER_DAG = 30  # tries at the wanted label before drawing another DAG

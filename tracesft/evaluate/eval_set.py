@@ -19,8 +19,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tracesft.errors import TracesftError
-from tracesft.sft_dataset import SFTDataset, normalize_query
-from tracesft.variable_renaming import rename_variables
+from tracesft.data.sft_dataset import SFTDataset, normalize_query
+from tracesft.evaluate.variable_renaming import rename_variables
 
 EVAL_COLUMNS = ("input", "label", "num_variables", "template")
 

@@ -19,9 +19,9 @@ matplotlib.use("Agg")  # no display on servers and CI; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from tracesft.comparison import ModelComparison  # noqa: E402
-from tracesft.evaluation import EvalReport  # noqa: E402
-from tracesft.metrics import Scores  # noqa: E402
+from tracesft.evaluate.comparison import ModelComparison  # noqa: E402
+from tracesft.evaluate.evaluation import EvalReport  # noqa: E402
+from tracesft.evaluate.metrics import Scores  # noqa: E402
 
 _METRICS = ("n", "f1", "precision", "recall", "accuracy", "parse_failure_rate")
 _STYLE = (

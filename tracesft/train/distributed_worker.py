@@ -1,6 +1,6 @@
-"""One rank of a multi-process training run: `python -m tracesft.distributed_worker ...`.
+"""One rank of a multi-process training run: `python -m tracesft.train.distributed_worker ...`.
 
-`tracesft.distributed.train_lora_distributed` starts one of these per GPU through
+`tracesft.train.distributed.train_lora_distributed` starts one of these per GPU through
 `accelerate launch`; each calls the same `train_lora` as a one-GPU run. Rank 0 writes the adapter,
 the summary and the Trainer's log history into `--out`; the other ranks write into
 `--out/rank-N`, so no two processes ever write the same file. When the launching step has an
@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 
 from tracesft.config import TrainingRecipe
-from tracesft.distributed import LOG_HISTORY_FILE, SUMMARY_FILE
-from tracesft.sft_dataset import SFTDataset
-from tracesft.training import train_lora
+from tracesft.train.distributed import LOG_HISTORY_FILE, SUMMARY_FILE
+from tracesft.data.sft_dataset import SFTDataset
+from tracesft.train.training import train_lora
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,7 +72,7 @@ def _mlflow_run(is_main_process: bool):
         return
     import mlflow
 
-    from tracesft.tracking import mlflow_logging_callback
+    from tracesft.train.tracking import mlflow_logging_callback
 
     with mlflow.start_run(run_id=run_id):
         yield mlflow_logging_callback()

@@ -31,7 +31,7 @@ from torch import nn
 
 from tracesft.config import EvalSettings, TrainingRecipe
 from tracesft.errors import TracesftError
-from tracesft.modeling import load_base_model, quantization_config, uses_cuda
+from tracesft.train.modeling import load_base_model, quantization_config, uses_cuda
 
 # Files over this size are fingerprinted by size, head and tail instead of read whole: hashing the
 # 64 GB of a 32B checkpoint on every evaluation would cost minutes for no gain.
