@@ -1,60 +1,70 @@
-"""Evaluation decoding throughput: the seed's path against the project's, on the 32B architecture.
+"""Evaluation throughput on the evaluation workload: the seed's decoding against the shipped engine.
+
+Workload ("evaluation"): the 1,162 problems of the official Corr2Cause test split, rendered by the
+project's prompt builder (`build_prompt`, the R1 chat format of the tiny tokenizer), prompt
+lengths counted as characters / 4 (about what a Qwen2 tokenizer gives for English; the tiny
+tokenizer's small vocabulary would double them). Answer lengths are drawn from a log-normal with
+median 700 tokens and sigma 0.6, clipped to [64, 2048], seed 0, and enforced per request: random
+weights never stop by themselves.
 
 - Seed path: DeepSeek-R1-Distill-Qwen-32B's architecture in NF4 (double quantisation, bf16
-  compute) with the LoRA adapter attached unmerged through PEFT, HF `generate` with its dynamic
-  KV cache, batch 64, prompt 512, 128 new tokens (248 tokens/s on an H100 in DESIGN.md §5).
-- Project path (`tracesft.generate.inference.prepare_for_inference`, what `evaluation.fast_inference`
-  runs): the same NF4 layers and the same unmerged adapter with PEFT's arithmetic, the PEFT
-  wrapper gone, larger batches (the model stays 18 GB). Timed with transformers' dynamic KV cache
-  (what evaluation runs) and with a static cache whose step transformers compiles into CUDA graphs.
+  compute), LoRA unmerged through PEFT, HF `generate` in static batches of 64 sorted by prompt
+  length, each batch running to its longest answer. The whole split would take hours, so one
+  representative batch (the median batch by prompt length) is timed for its prefill and
+  `--seed-steps` decoding steps, and the split is projected from those: sum over batches of
+  prefill + longest answer x step time. Decoding steps get slower as the context grows, so this
+  projection flatters the seed.
+- Project path: what `evaluation.evaluate` runs, timed whole: `inference.for_decoding` (PEFT's
+  wrappers removed, NF4 dequantised once where memory allows, LoRA unmerged), then
+  `batching.generate_all` with `batching.engine_decoder` (continuous batching, CUDA graphs).
+  `--nf4` keeps the NF4 layers and caps memory at 80 GB: the figure for 80 GB cards.
 
-Each run reports end-to-end generated tokens/s (prefill included, the seed probe's measure) and
-the decoding phase alone (from the first new token to the last): prompt processing is compute-bound
-and the same work on both paths (with 512-token prompts and 128 new tokens it caps any path near
-2,600 tokens/s on an H100), whereas the evaluation itself (~300-token prompts, ~1,500 generated
-tokens) is almost all decoding. `--eval-shape` adds a run of that shape on the project path.
+Exactness (`outputs_match`): on the 32B, 128 sequences of `--check-tokens` tokens prefilled by
+the engine and then one decoding step for all 128 (128 rows) against the seed path's teacher-
+forced logits at the same positions (relative error, printed beside the seed path against itself
+one sequence at a time: what kernel choice alone moves); on the tiny model (CPU) greedy outputs
+of the engine equal HF `generate` one prompt at a time (tests/test_engine.py covers this too).
 
-Weights are random (speed does not depend on their values); the model is built on the meta
-device and quantised layer by layer, as in ../shared/reference/qlora_32b_probe.py. The adapter's
-matrices are random too. Prompts are fixed random token ids, and every sequence generates exactly
-the requested number of tokens (`min_new_tokens`).
-
-Correctness (`outputs_match`): both paths compute the same function. Under teacher forcing their
-logits agree within relative error 2e-2 (‖a−b‖/‖a‖ over all positions), checked twice: on 2 × 64
-tokens and on 2 × 256 (bitsandbytes picks its kernels by row count). The seed path against itself,
-one sequence at a time instead of two, is printed beside it: what kernel choice alone moves. And
-on a tiny model of the same architecture on the CPU their greedy generations are
-identical token for token.
-
-    python benchmarks/eval_throughput.py --eval-shape    # one H100: the 32B, ~8 minutes
-    python benchmarks/eval_throughput.py --tiny          # anywhere: tiny model, CPU, seconds
+    python benchmarks/eval_throughput.py --test-csv PATH/test.csv            # one H200, ~8 min
+    python benchmarks/eval_throughput.py --test-csv PATH/test.csv --nf4 --requests 300 --out ...
+    python benchmarks/eval_throughput.py --test-csv PATH/test.csv --tiny     # CPU, seconds
 
 Writes `--out` (default benchmarks/results/eval_throughput.json; `--tiny`:
-eval_throughput_tiny.json) with `device`, `date`, `baseline_tokens_per_s`, `tokens_per_s`,
-`outputs_match`, `peak_gib` and the detail of every measurement, and prints a table.
+eval_throughput_tiny.json) and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
+import logging
+import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tracesft.config import EvalSettings, TrainingRecipe  # noqa: E402
-from tracesft.generate.batching import generate_options  # noqa: E402
-from tracesft.generate.inference import prepare_for_inference  # noqa: E402
+from tracesft.data.prompting import build_prompt  # noqa: E402
+from tracesft.data.sample_data import tokenizer_corpus  # noqa: E402
+from tracesft.generate.batching import engine_decoder, generate_all, generate_options  # noqa: E402
+from tracesft.generate.engine import Engine  # noqa: E402
+from tracesft.generate.inference import for_decoding, prepare_for_inference  # noqa: E402
+from tracesft.train.modeling import load_tokenizer  # noqa: E402
+from tracesft.train.tiny_model import build_tiny_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOGITS_TOLERANCE = 2e-2
+SEED_BATCH = 64
 
 
 def qwen2_config(tiny: bool, layers: int) -> Any:
@@ -125,13 +135,22 @@ def build_seed_model(config: Any, device: torch.device, dtype: torch.dtype, reci
     return model.eval()
 
 
-def teacher_forced_logits(model: nn.Module, sequences: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(input_ids=sequences).logits.float().cpu()
+def evaluation_workload(test_csv: Path, requests: int | None, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(prompt lengths, answer lengths) of the evaluation workload, in the split's order."""
+    tokenizer = load_tokenizer(str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", tokenizer_corpus())))
+    with test_csv.open(newline="", encoding="utf-8") as handle:
+        queries = [row["input"] for row in csv.DictReader(handle)]
+    prompt_lengths = [len(build_prompt(tokenizer, query)) // 4 for query in queries]
+    rng = np.random.default_rng(seed)
+    answers = np.clip(np.round(rng.lognormal(math.log(700), 0.6, len(queries))), 64, 2048).astype(int).tolist()
+    if requests is not None:
+        prompt_lengths, answers = prompt_lengths[:requests], answers[:requests]
+    return prompt_lengths, answers
 
 
-def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
-    return float((reference - other).norm() / reference.norm())
+def random_prompts(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
 def synchronize(device: torch.device) -> None:
@@ -139,232 +158,190 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-class FirstTokenClock:
-    """A `generate` streamer that notes when the first new token exists: prompt processing ends there.
+def seed_projection(model: nn.Module, prompts: list[list[int]], answers: list[int], steps: int, device: torch.device) -> dict[str, Any]:
+    """Time the seed's median batch (prefill, then `steps` decoding steps) and project the split."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[i : i + SEED_BATCH] for i in range(0, len(order), SEED_BATCH)]
+    sample = batches[len(batches) // 2]
+    width = max(len(prompts[i]) for i in sample)
+    ids = torch.tensor([[0] * (width - len(prompts[i])) + prompts[i] for i in sample], device=device)
+    mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in sample], device=device)
+    options = generate_options(EvalSettings()) | {"pad_token_id": 0}
 
-    `generate` hands it the prompt, then each new token; only the first new token is timed.
-    """
+    def timed(new_tokens: int) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
+        synchronize(device)
+        return time.perf_counter() - start
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.calls, self.at = device, 0, None
-
-    def put(self, value: torch.Tensor) -> None:
-        self.calls += 1
-        if self.calls == 2:
-            synchronize(self.device)
-            self.at = time.perf_counter()
-
-    def end(self) -> None:
-        pass
+    timed(2)  # warm-up
+    prefill_s = timed(1)
+    step_s = (timed(steps + 1) - prefill_s) / steps
+    per_token_prefill = prefill_s / sum(len(prompts[i]) for i in sample)
+    total_s = sum(per_token_prefill * sum(len(prompts[i]) for i in b) + max(answers[i] for i in b) * step_s for b in batches)
+    return {"batch": SEED_BATCH, "timed_batch_prompt_tokens": width, "prefill_s": round(prefill_s, 2),
+            "step_ms": round(step_s * 1000, 1), "timed_steps": steps, "projected_split_s": round(total_s, 1),
+            "tokens_per_s": round(sum(answers) / total_s, 1), "projected": True}
 
 
-def throughput(model: nn.Module, prompts: torch.Tensor, new_tokens: int, options: dict[str, Any],
-               device: torch.device, warmup_tokens: int | None = None) -> dict[str, Any]:
-    """Generated tokens per second for one batch, end to end and for the decoding phase, after a
-    warm-up (where a static cache's step is compiled: same shapes, so `warmup_tokens` only for
-    dynamic caches)."""
-    fixed = options | {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "pad_token_id": 0}
-    warmup = fixed if warmup_tokens is None else fixed | {"max_new_tokens": warmup_tokens, "min_new_tokens": warmup_tokens}
-    mask = torch.ones_like(prompts)
+class _NoText:
+    """The benchmark needs token counts, not text: a tokenizer that decodes to nothing, never stops."""
+
+    eos_token_id = None
+
+    @staticmethod
+    def decode(ids: list[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+def engine_run(model: nn.Module, prompts: list[list[int]], answers: list[int], settings: EvalSettings, device: torch.device) -> dict[str, Any]:
+    """The shipped generation path, timed end to end on the whole workload."""
+    model.generation_config.eos_token_id = None
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    synchronize(device)
+    start = time.perf_counter()
+    _, concurrency = generate_all(prompts, engine_decoder(model, _NoText(), settings), settings.batch_size, answers)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"requests": len(prompts), "generated_tokens": sum(answers), "seconds": round(seconds, 1),
+            "tokens_per_s": round(sum(answers) / seconds, 1), "concurrency": concurrency,
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+
+
+def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return float((reference.float() - other.float()).norm() / reference.float().norm())
+
+
+def exactness(seed_model: nn.Module, config: Any, rows: int, tokens: int, device: torch.device, seed: int) -> dict[str, Any]:
+    """Seed-path logits (PEFT + NF4, HF forward) at the last two positions of `rows` sequences,
+    and the same sequences one at a time (the noise floor of kernel choice)."""
+    generator = torch.Generator().manual_seed(seed)
+    sequences = torch.randint(3, config.vocab_size, (rows, tokens + 1), generator=generator).to(device)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     with torch.inference_mode():
-        start = time.perf_counter()
-        model.generate(input_ids=prompts, attention_mask=mask, **warmup)
-        synchronize(device)
-        warmup_s = time.perf_counter() - start
-        clock = FirstTokenClock(device)
-        start = time.perf_counter()
-        output = model.generate(input_ids=prompts, attention_mask=mask, streamer=clock, **fixed)
-        synchronize(device)
-        end = time.perf_counter()
-    batch, steps = prompts.shape[0], output.shape[1] - prompts.shape[1]
-    return {
-        "batch": batch,
-        "prompt_tokens": prompts.shape[1],
-        "new_tokens": steps,
-        "seconds": round(end - start, 2),
-        "prefill_s": round(clock.at - start, 2),
-        "warmup_s": round(warmup_s, 1),
-        "tokens_per_s": round(batch * steps / (end - start), 1),
-        "decode_tokens_per_s": round(batch * (steps - 1) / (end - clock.at), 1),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-    }
+        full = seed_model(input_ids=sequences, logits_to_keep=2).logits
+        alone = torch.cat([seed_model(input_ids=row[None], logits_to_keep=2).logits for row in sequences[:4]])
+        flash = full
+        if device.type == "cuda":  # the attention kernel the engine uses: isolates everything else
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                flash = seed_model(input_ids=sequences, logits_to_keep=2).logits
+    return {"sequences": sequences, "prefill": full[:, 0], "decode": full[:, 1], "flash_prefill": flash[:, 0],
+            "flash_decode": flash[:, 1], "seed_vs_itself": relative_error(full[:4, 1], alone[:, 1])}
 
 
-def greedy_outputs_match(recipe: TrainingRecipe, seed: int) -> bool:
-    """On the tiny model, CPU: the seed path and the project path generate identical greedy tokens."""
-    device = torch.device("cpu")
-    config = qwen2_config(tiny=True, layers=2)
-    model = build_seed_model(config, device, torch.float32, recipe, seed)
-    prompts = torch.randint(3, config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(seed))
-    options = generate_options(EvalSettings(max_new_tokens=32), device) | {"min_new_tokens": 32, "pad_token_id": 0}
+def engine_logits(model: nn.Module, sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's prefill logits for all but the last token, then one decoding step (all rows at once)."""
+    rows, length = sequences.shape
+    engine = Engine(model, rows, length)
     with torch.inference_mode():
-        seed_tokens = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), **options)
-        project_tokens = prepare_for_inference(model).generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), **options)
-    return torch.equal(seed_tokens, project_tokens)
-
-
-def first_that_fits(name: str, sizes: list[int], measure: Any, rows: list[dict[str, Any]]) -> int | None:
-    """Measure at each batch size in turn until one fits in memory; return it."""
-    for size in sizes:
-        try:
-            rows.append({"path": name, **measure(size)})
-        except torch.cuda.OutOfMemoryError as err:
-            rows.append({"path": name, "batch": size, "skipped": f"out of memory: {str(err)[:200]}"})
-            torch.cuda.empty_cache()
-        except Exception as err:  # a failed compilation: record it, keep the other numbers
-            rows.append({"path": name, "batch": size, "skipped": f"{type(err).__name__}: {str(err)[:300]}"})
-            print(rows[-1], flush=True)
-            return None
-        print(rows[-1], flush=True)
-        if "tokens_per_s" in rows[-1]:
-            return size
-    return None
+        prefill = engine._prefill_logits([row[:-1].tolist() for row in sequences], list(range(rows)))
+        engine.step_tokens.copy_(sequences[:, -1])
+        engine.step_positions.fill_(length - 1)
+        engine.step_lengths.fill_(length)
+        decode = engine._decode().clone()
+    return prefill, decode
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if device.type == "cuda" and args.nf4:
+        torch.cuda.set_per_process_memory_fraction(80 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     recipe = TrainingRecipe()
     config = qwen2_config(args.tiny, args.layers)
-    generator = torch.Generator().manual_seed(args.seed)
-
-    def prompts(batch: int, length: int) -> torch.Tensor:
-        return torch.randint(3, config.vocab_size, (batch, length), generator=generator).to(device)
-
-    checks = {"decode-sized (2 x 64)": prompts(2, 64), f"prompt-sized (2 x {args.check_tokens})": prompts(2, args.check_tokens)}
-    eager = EvalSettings(max_new_tokens=args.new_tokens)
+    prompt_lengths, answers = evaluation_workload(args.test_csv, args.requests)
+    prompts = random_prompts(prompt_lengths, config.vocab_size, args.seed)
 
     model = build_seed_model(config, device, dtype, recipe, args.seed)
-    references = {name: teacher_forced_logits(model, sequences) for name, sequences in checks.items()}
-    # What kernel-level differences alone do: the seed path against itself, each sequence alone
-    # (bitsandbytes picks its kernels by the number of rows).
-    noise_floor = {name: relative_error(references[name], torch.cat([teacher_forced_logits(model, row[None]) for row in sequences]))
-                   for name, sequences in checks.items()}
-    print({"seed_vs_itself_one_sequence_at_a_time": noise_floor}, flush=True)
-    if args.logits_only:
-        prepared = prepare_for_inference(model)
-        errors = {name: relative_error(references[name], teacher_forced_logits(prepared, sequences)) for name, sequences in checks.items()}
-        return {"logits_relative_error": errors, "seed_vs_itself": noise_floor}
-    rows = [{"path": "seed: NF4 + unmerged LoRA (PEFT, bitsandbytes), dynamic cache",
-             **throughput(model, prompts(args.batch, args.prompt_tokens), args.new_tokens,
-                          generate_options(eager, device), device, warmup_tokens=4)}]
-    print(rows[-1], flush=True)
+    check = exactness(model, config, args.check_rows, args.check_tokens, device, args.seed)
+    print({"seed_vs_itself": check["seed_vs_itself"]}, flush=True)
+    seed = seed_projection(model, prompts, answers, args.seed_steps, device) if not args.skip_seed else None
+    print({"seed": seed}, flush=True)
 
-    model = prepare_for_inference(model)
+    settings = EvalSettings(batch_size=args.concurrency, max_new_tokens=max(answers))
+    model = prepare_for_inference(model) if args.nf4 else for_decoding(model, settings)
+    weights = "nf4" if any(type(m).__name__ == "Linear4bit" for m in model.modules()) else "bf16 (dequantised once)"
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    logits_errors = {name: relative_error(references[name], teacher_forced_logits(model, sequences))
-                     for name, sequences in checks.items()}
-    print({"logits_relative_error": logits_errors}, flush=True)
+    prefill, decode = engine_logits(model, check.pop("sequences"))
+    errors = {"prefill": relative_error(check["prefill"], prefill), "decode (128 rows)": relative_error(check["decode"], decode),
+              "prefill, seed on flash attention": relative_error(check["flash_prefill"], prefill),
+              "decode, seed on flash attention": relative_error(check["flash_decode"], decode)}
+    print({"logits_relative_error": errors, "weights": weights}, flush=True)
+    project = engine_run(model, prompts, answers, settings, device)
+    print({"project": project}, flush=True)
 
-    compiled = "project: NF4 + unmerged LoRA without PEFT, static cache, compiled"
-    eager_name = "project: NF4 + unmerged LoRA without PEFT, dynamic cache (eager)"
-    project_options = generate_options(eager, device) | {"cache_implementation": "static"}  # transformers compiles it
-    size = first_that_fits(
-        compiled if device.type == "cuda" else eager_name, args.project_batches,
-        lambda size: throughput(model, prompts(size, args.prompt_tokens), args.new_tokens, project_options, device),
-        rows,
-    )
-    if device.type == "cuda" and size is not None:
-        # What removing PEFT's wrappers alone gives, without the compiled step.
-        if time.perf_counter() - started < args.budget_s:
-            first_that_fits(
-                eager_name, [size],
-                lambda size: throughput(model, prompts(size, args.prompt_tokens), args.new_tokens,
-                                        generate_options(eager, device), device, warmup_tokens=4),
-                rows,
-            )
-        if args.eval_shape and time.perf_counter() - started < args.budget_s:
-            first_that_fits(
-                "project, evaluation's shape: static cache, compiled", [size],
-                lambda size: throughput(model, prompts(size, args.eval_prompt_tokens), args.eval_new_tokens,
-                                        project_options, device),
-                rows,
-            )
-    del model
-    greedy_match = greedy_outputs_match(recipe, args.seed)
-
-    same_shape = [row for row in rows[1:] if "tokens_per_s" in row and row["new_tokens"] == args.new_tokens]
-    best = max(same_shape, key=lambda row: row["tokens_per_s"]) if same_shape else {}
     import peft
     import transformers
 
+    baseline = seed["tokens_per_s"] if seed else None
     return {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "workload": "evaluation",
         "model": "tiny Qwen2 (random)" if args.tiny else f"Qwen2 32B architecture, {args.layers} layers (random)",
-        "baseline_tokens_per_s": rows[0]["tokens_per_s"],
-        "tokens_per_s": best.get("tokens_per_s"),
-        "speedup": round(best["tokens_per_s"] / rows[0]["tokens_per_s"], 2) if best else None,
-        "baseline_decode_tokens_per_s": rows[0]["decode_tokens_per_s"],
-        "decode_tokens_per_s": best.get("decode_tokens_per_s"),
-        "best_path": best.get("path"),
-        "outputs_match": all(error <= LOGITS_TOLERANCE for error in logits_errors.values()) and greedy_match,
-        "logits_relative_error": logits_errors,
-        "seed_vs_itself_relative_error": noise_floor,
-        "tiny_cpu_greedy_identical": greedy_match,
-        "peak_gib": best.get("peak_gib"),
-        "prompt_tokens": args.prompt_tokens,
-        "new_tokens": args.new_tokens,
-        "rows": rows,
+        "measured_path": "tracesft.generate.batching.generate_all + engine_decoder (after tracesft.generate.inference.for_decoding)",
+        "weights": weights,
+        "memory_cap_gib": 80 if args.nf4 else None,
+        "requests": len(prompts),
+        "prompt_tokens_counted_as": "characters / 4 of build_prompt's text",
+        "tokens_per_s": project["tokens_per_s"],
+        "baseline_tokens_per_s": baseline,
+        "speedup": round(project["tokens_per_s"] / baseline, 2) if baseline else None,
+        "split_minutes": round(project["seconds"] * 1162 / len(prompts) / 60, 1),
+        "baseline_split_minutes": round(seed["projected_split_s"] * 1162 / len(prompts) / 60, 1) if seed else None,
+        "outputs_match": all(error <= LOGITS_TOLERANCE for error in errors.values()),
+        "logits_relative_error": errors,
+        "seed_vs_itself_relative_error": check["seed_vs_itself"],
+        "peak_gib": project["peak_gib"],
+        "seed": seed,
+        "project": project,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "wall_s": round(time.perf_counter() - started, 1),
     }
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"\n{result['model']} on {result['device']}")
-    print(f"{'path':<62} {'batch':>5} {'prompt':>6} {'new':>5} {'tokens/s':>9} {'vs seed':>8} {'decode tok/s':>12} "
-          f"{'prefill s':>9} {'peak GiB':>8} {'warm-up s':>9}")
-    for row in result["rows"]:
-        if "tokens_per_s" not in row:
-            print(f"{row['path']:<62} {row['batch']:>5}  {row['skipped']}")
-            continue
-        ratio = row["tokens_per_s"] / result["baseline_tokens_per_s"]
-        print(f"{row['path']:<62} {row['batch']:>5} {row['prompt_tokens']:>6} {row['new_tokens']:>5} {row['tokens_per_s']:>9.1f} "
-              f"{ratio:>7.2f}x {row['decode_tokens_per_s']:>12.1f} {row['prefill_s']:>9} "
-              f"{row['peak_gib'] if row['peak_gib'] is not None else '-':>8} {row['warmup_s']:>9}")
+    print(f"\n{result['model']} on {result['device']}, workload {result['workload']} ({result['requests']} requests)")
+    print(f"{'path':<58} {'tokens/s':>9} {'vs seed':>8} {'split min':>9} {'peak GiB':>8}")
+    if result["seed"]:
+        print(f"{'seed: PEFT + NF4, HF generate, static batches of 64 (projected)':<58} {result['baseline_tokens_per_s']:>9.1f} "
+              f"{'1.00x':>8} {result['baseline_split_minutes']:>9} {'-':>8}")
+    speedup = f"{result['speedup']:.2f}x" if result["speedup"] else "-"
+    print(f"{'engine: ' + result['weights'] + ', continuous batching':<58} {result['tokens_per_s']:>9.1f} {speedup:>8} "
+          f"{result['split_minutes']:>9} {result['peak_gib'] or '-':>8}")
     errors = ", ".join(f"{name} {error:.2e}" for name, error in result["logits_relative_error"].items())
-    floor = ", ".join(f"{name} {error:.2e}" for name, error in result["seed_vs_itself_relative_error"].items())
-    print(f"seed path against itself, one sequence at a time: {floor}")
-    print(f"logits relative error: {errors} (tolerance {LOGITS_TOLERANCE}); "
-          f"tiny CPU greedy identical: {result['tiny_cpu_greedy_identical']}; outputs_match: {result['outputs_match']}")
+    print(f"logits relative error vs seed path: {errors} (tolerance {LOGITS_TOLERANCE}); seed against itself "
+          f"{result['seed_vs_itself_relative_error']:.2e}; outputs_match: {result['outputs_match']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--test-csv", type=Path, required=True, help="the official Corr2Cause test split (input,label,...)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (debugging; no GPU needed)")
     parser.add_argument("--layers", type=int, default=64, help="decoder layers of the 32B architecture (64 is the real one)")
-    parser.add_argument("--batch", type=int, default=None, help="seed-path batch (default 64; tiny 8)")
-    parser.add_argument("--project-batches", type=int, nargs="+", default=[128, 96, 64],
-                        help="project-path batch sizes, tried in order until one fits")
-    parser.add_argument("--prompt-tokens", type=int, default=None, help="default 512; tiny 32")
-    parser.add_argument("--new-tokens", type=int, default=None, help="default 128; tiny 16")
-    parser.add_argument("--check-tokens", type=int, default=256, help="sequence length of the prompt-sized logits check")
-    parser.add_argument("--eval-shape", action="store_true", help="also time the evaluation's shape on the project path (CUDA)")
-    parser.add_argument("--eval-prompt-tokens", type=int, default=256)
-    parser.add_argument("--eval-new-tokens", type=int, default=1024)
-    parser.add_argument("--budget-s", type=float, default=360.0, help="start the optional runs (eager, evaluation shape) only before this many seconds")
-    parser.add_argument("--logits-only", action="store_true", help="only the teacher-forced logits checks, printed")
+    parser.add_argument("--requests", type=int, default=None, help="first N problems only (default: all 1,162; tiny: 24)")
+    parser.add_argument("--concurrency", type=int, default=EvalSettings().batch_size, help="evaluation.batch_size: most slots")
+    parser.add_argument("--nf4", action="store_true", help="keep NF4 layers, cap memory at 80 GB (the 80 GB card figure)")
+    parser.add_argument("--seed-steps", type=int, default=64, help="decoding steps timed on the seed's batch")
+    parser.add_argument("--skip-seed", action="store_true")
+    parser.add_argument("--check-rows", type=int, default=128)
+    parser.add_argument("--check-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    args.batch = args.batch or (8 if args.tiny else 64)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tracesft").setLevel(logging.INFO)
     if args.tiny:
-        args.project_batches = [8]
-    args.prompt_tokens = args.prompt_tokens or (32 if args.tiny else 512)
-    args.new_tokens = args.new_tokens or (16 if args.tiny else 128)
-    if args.tiny:
-        args.check_tokens = min(args.check_tokens, 64)
+        args.requests = args.requests or 24
+        args.check_rows, args.check_tokens, args.seed_steps = 8, 32, 4
     out = args.out or RESULTS / ("eval_throughput_tiny.json" if args.tiny else "eval_throughput.json")
     result = run(args)
-    if args.logits_only:
-        print(json.dumps(result, indent=2))
-        return
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)

@@ -12,7 +12,7 @@ import torch
 from tracesft.config import EvalSettings, TrainingRecipe
 from tracesft.errors import TracesftError
 from tracesft.evaluate.eval_set import EvalProblem, load_eval_set, renamed_problems, stratified_sample, validation_problems
-from tracesft.generate.batching import GenerationCache, cache_key, generate_in_batches, generation_signature
+from tracesft.generate.batching import GenerationCache, cache_key, generate_all, generation_signature
 from tracesft.evaluate.metrics import paired_bootstrap_f1_difference, scores
 from tracesft.data.sample_data import DATA, EVAL_CSV, tokenizer_corpus
 from tracesft.data.sft_dataset import SFTDataset
@@ -141,22 +141,25 @@ def test_validation_problems_read_template_and_size_from_the_text() -> None:
 
 
 class FakeGenerator:
-    """A batch generator that records batch sizes, runs out of memory above `limit` prompts and
-    (optionally) is interrupted after `stop_after` successful batches."""
+    """A static-batch decoder that records batch sizes, runs out of memory above `limit` prompts
+    and (optionally) is interrupted after `stop_after` successful batches."""
 
     def __init__(self, limit: int = 1000, stop_after: int | None = None) -> None:
         self.limit, self.stop_after = limit, stop_after
         self.attempts: list[int] = []
         self.generated: list[list[int]] = []
 
-    def __call__(self, batch: list[list[int]]) -> list[str]:
-        self.attempts.append(len(batch))
-        if len(batch) > self.limit:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        if self.stop_after is not None and len(self.generated) >= self.stop_after:
-            raise KeyboardInterrupt
-        self.generated.append([p[0] for p in batch])
-        return [f"out {p[0]}" for p in batch]
+    def __call__(self, prompts: list[list[int]], limits: list[int], concurrency: int, finished) -> None:
+        for start in range(0, len(prompts), concurrency):
+            batch = prompts[start : start + concurrency]
+            self.attempts.append(len(batch))
+            if len(batch) > self.limit:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            if self.stop_after is not None and len(self.generated) >= self.stop_after:
+                raise KeyboardInterrupt
+            self.generated.append([p[0] for p in batch])
+            for offset, prompt in enumerate(batch):
+                finished(start + offset, f"out {prompt[0]}")
 
 
 def _prompts(n: int) -> list[list[int]]:
@@ -165,24 +168,24 @@ def _prompts(n: int) -> list[list[int]]:
 
 def test_batches_go_longest_first_and_outputs_keep_prompt_order() -> None:
     generator = FakeGenerator()
-    outputs, size = generate_in_batches(_prompts(10), generator, batch_size=4)
+    outputs, size = generate_all(_prompts(10), generator, 4, 8)
     assert outputs == [f"out {i}" for i in range(10)] and size == 4
     assert generator.attempts == [4, 4, 2]
     lengths = [len(_prompts(10)[i]) for batch in generator.generated for i in batch]
     assert lengths == sorted(lengths, reverse=True)
 
 
-def test_out_of_memory_halves_the_batch_and_retries_it() -> None:
+def test_out_of_memory_halves_the_concurrency_and_keeps_what_was_finished() -> None:
     generator = FakeGenerator(limit=3)
-    outputs, size = generate_in_batches(_prompts(10), generator, batch_size=16)
+    outputs, size = generate_all(_prompts(10), generator, 16, 8)
     assert outputs == [f"out {i}" for i in range(10)]
-    assert generator.attempts == [10, 5, 2, 2, 2, 2, 2] and size == 2  # 10 prompts: the first batch holds 10
+    assert generator.attempts == [10, 8, 4, 2, 2, 2, 2, 2] and size == 2  # 10 prompts: the first batch holds 10
     assert sorted(i for batch in generator.generated for i in batch) == list(range(10))
 
 
 def test_out_of_memory_at_batch_size_one_is_a_clear_error() -> None:
     with pytest.raises(TracesftError, match="single example.*max_new_tokens"):
-        generate_in_batches(_prompts(3), FakeGenerator(limit=0), batch_size=4)
+        generate_all(_prompts(3), FakeGenerator(limit=0), 4, 8)
 
 
 def test_interrupted_generation_resumes_with_only_the_missing_examples(tmp_path: Path) -> None:
@@ -191,17 +194,17 @@ def test_interrupted_generation_resumes_with_only_the_missing_examples(tmp_path:
     cache = GenerationCache(tmp_path / "cache")
     first = FakeGenerator(stop_after=2)
     with pytest.raises(KeyboardInterrupt):
-        generate_in_batches(prompts, first, batch_size=3, keys=keys, cache=cache)
+        generate_all(prompts, first, 3, 8, keys=keys, cache=cache)
     done = {i for batch in first.generated for i in batch}
     assert len(done) == 6
 
     second = FakeGenerator()
-    outputs, _ = generate_in_batches(prompts, second, batch_size=3, keys=keys, cache=cache)
+    outputs, _ = generate_all(prompts, second, 3, 8, keys=keys, cache=cache)
     assert sorted(i for batch in second.generated for i in batch) == sorted(set(range(10)) - done)
     assert outputs == [f"out {i}" for i in range(10)]
 
     third = FakeGenerator()
-    assert generate_in_batches(prompts, third, batch_size=3, keys=keys, cache=cache)[0] == outputs
+    assert generate_all(prompts, third, 3, 8, keys=keys, cache=cache)[0] == outputs
     assert third.attempts == []
 
 

@@ -111,7 +111,7 @@ def test_evaluate_scores_three_sets_and_resumes_from_its_cache(model_dir: Path, 
     assert report.robustness_f1_drop == pytest.approx(report.scores.f1 - report.renamed.scores.f1)
     assert "Z" in report.renamed.predictions[0].input and report.predictions[0].input == problems[0].query
     assert report.generation.generated == 14 and report.generation.from_cache == 0
-    assert report.generation.engine == "dense-fast-fp32"
+    assert report.generation.engine == "dense-engine-fp32"
 
     again = evaluate(str(model_dir), problems, settings, TrainingRecipe(), validation=validation)
     assert again.generation.generated == 0 and again.generation.from_cache == 14

@@ -116,9 +116,10 @@ class EvalSettings(_Settings):
     """Generation settings for scoring base and fine-tuned models on the eval set."""
 
     max_new_tokens: int = Field(2048, gt=0)
-    # Sequences decoded together; halved on out-of-memory. 64 x (prompt + 2,048) tokens of KV cache
-    # (~38 GB) beside the 18 GB 4-bit 32B fit one 80 GB card.
-    batch_size: int = Field(64, gt=0)
+    # Most sequences decoded at once, halved on out-of-memory. The engine (`fast_inference`) takes
+    # fewer where GPU memory holds fewer KV-cache slots of prompt + max_new_tokens positions (~100
+    # on an H200 beside the 32B's bf16 weights, ~85 on an 80 GB card beside its NF4 weights).
+    batch_size: int = Field(128, gt=0)
     do_sample: bool = False
     temperature: float = Field(0.6, gt=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
@@ -130,9 +131,9 @@ class EvalSettings(_Settings):
     renamed_variables: bool = True  # also score the eval set with variables renamed A→Z, B→Y, …
     # Per-example generations are cached here, so an interrupted evaluation resumes; None: off.
     cache_dir: str | None = ".tracesft/eval-cache"
-    # Decode with the seed's very layers (NF4 base, unmerged adapter) rewritten without PEFT's
-    # wrappers (`tracesft.generate.inference`): teacher-forced logits identical to the seed path's on the
-    # 32B architecture, faster (BENCHMARKS.md). false: decode through PEFT, as the seed does.
+    # Decode with the continuous-batching engine (`tracesft.generate.engine`) on the seed's layers
+    # without PEFT's wrappers, the NF4 base dequantised once to bf16 where memory allows and the
+    # adapter unmerged (BENCHMARKS.md). false: HF `generate` through PEFT in static batches, as the seed.
     fast_inference: bool = True
     pad_to_multiple_of: int = Field(64, gt=0)  # prompts are padded to a multiple of this: few distinct shapes
     bootstrap_resamples: int = Field(10_000, gt=0)

@@ -20,10 +20,12 @@ from tracesft.generate.batching import (
     GenerationCache,
     GenerationStats,
     cache_key,
-    generate_in_batches,
+    engine_decoder,
+    generate_all,
     generation_signature,
-    hf_batch_generator,
+    hf_decoder,
 )
+from tracesft.generate.engine import supports
 from tracesft.generate.inference import directory_fingerprint, engine_name, load_for_inference, model_identity
 from tracesft.evaluate.metrics import ScoreReport, score_report
 from tracesft.train.modeling import load_tokenizer
@@ -88,7 +90,7 @@ def evaluate(
 
     tokenizer = load_tokenizer(base_model, revision)
     model = load_for_inference(base_model, recipe, settings, adapter_path, revision)
-    engine = engine_name(recipe, settings)
+    engine = engine_name(model, recipe, settings)
     flat = [(name, problem) for name, items in sets.items() for problem in items]
     prompts = [build_prompt(tokenizer, problem.query) for _, problem in flat]
     cache = GenerationCache(settings.cache_dir) if settings.cache_dir else None
@@ -101,10 +103,12 @@ def evaluate(
     if settings.do_sample:
         torch.manual_seed(settings.seed)
     label = "base" if adapter_path is None else "fine-tuned"
-    outputs, final_batch_size = generate_in_batches(
+    decoder = engine_decoder if settings.fast_inference and supports(model) else hf_decoder
+    outputs, final_batch_size = generate_all(
         [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts],
-        hf_batch_generator(model, tokenizer, settings),
+        decoder(model, tokenizer, settings),
         settings.batch_size,
+        settings.max_new_tokens,
         keys=keys if cache is not None else None,
         cache=cache,
         description=f"evaluating {label}",

@@ -1,15 +1,15 @@
-"""Batched generation that survives what long evaluations meet: out-of-memory and interruption.
+"""Generating many answers in a way that survives what long evaluations meet: out-of-memory and interruption.
 
-- Prompts are sorted longest first and cut into batches, so each batch pads little and the
-  batch most likely to exhaust memory comes first.
-- A batch that runs out of GPU memory is retried at half the size, down to one prompt; the
-  smaller size is kept for the rest of the run (later prompts are no longer).
-- Every finished example is written to an on-disk cache at once, keyed by what determines its
+- Prompts are sorted longest first, so the requests most likely to exhaust memory come first.
+- A decoder that runs out of GPU memory is restarted at half the concurrency, down to one
+  sequence, with only the answers still missing; the smaller size is kept for the rest of the run.
+- Every finished answer is written to an on-disk cache at once, keyed by what determines its
   output (model identity, adapter content, prompt, generation settings); a rerun after an
   interruption generates only what is missing.
 
-`generate_in_batches` takes the batch generator as a function, so this control flow is the same
-whatever produces the text; `hf_batch_generator` is the transformers one evaluation uses.
+`generate_all` takes the decoder as a function, so this control flow is the same whatever
+produces the text: `engine_decoder` (continuous batching, `tracesft.generate.engine`) or
+`hf_decoder` (transformers' `generate` in static batches, the seed's way).
 """
 
 from __future__ import annotations
@@ -79,52 +79,111 @@ def generation_signature(settings: EvalSettings, engine: str) -> dict[str, Any]:
     return signature
 
 
-def generate_in_batches(
+def generate_all(
     prompts: list[list[int]],
-    generate_batch: BatchGenerator,
-    batch_size: int,
+    decode: Decoder,
+    concurrency: int,
+    max_new_tokens: int | list[int],
     keys: list[str] | None = None,
     cache: GenerationCache | None = None,
     description: str = "generating",
 ) -> tuple[list[str], int]:
-    """Outputs for the tokenised `prompts`, in their order, and the batch size that held.
+    """Outputs for the tokenised `prompts`, in their order, and the concurrency that held.
 
-    With a `cache` (and one key per prompt), cached examples are not generated again and each
-    new one is cached as soon as its batch finishes.
+    With a `cache` (and one key per prompt), cached answers are not generated again and each new
+    one is cached the moment it is finished.
     """
     if cache is not None and (keys is None or len(keys) != len(prompts)):
         raise ValueError("a generation cache needs one key per prompt")
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     outputs: list[str | None] = [cache.get(key) for key in keys] if cache is not None else [None] * len(prompts)
     todo = sorted((i for i, out in enumerate(outputs) if out is None), key=lambda i: -len(prompts[i]))
-    size, position = batch_size, 0
+    size = concurrency
     with tqdm(total=len(todo), desc=description, unit="example", disable=not todo) as progress:
-        while position < len(todo):
-            batch = todo[position : position + size]
+        while todo:
+
+            def finished(position: int, text: str, todo: list[int] = todo) -> None:
+                index = todo[position]
+                outputs[index] = text
+                if cache is not None:
+                    cache.put(keys[index], text)
+                progress.update(1)
+
+            out_of_memory = False
             try:
-                texts = generate_batch([prompts[i] for i in batch])
+                decode([prompts[i] for i in todo], [limits[i] for i in todo], size, finished)
             except torch.cuda.OutOfMemoryError:
-                if len(batch) == 1:
+                if size == 1:
                     raise TracesftError(
                         "out of GPU memory generating a single example; lower `evaluation.max_new_tokens` "
                         "or use a GPU with more memory."
                     ) from None
-                size = max(1, len(batch) // 2)
-                logger.warning("out of GPU memory at batch size %d; retrying the batch at %d", len(batch), size)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            for index, text in zip(batch, texts, strict=True):
-                outputs[index] = text
-                if cache is not None:
-                    cache.put(keys[index], text)
-            position += len(batch)
-            progress.update(len(batch))
+                out_of_memory = True
+            if out_of_memory:  # outside the handler: its traceback no longer holds the failed decoder's memory
+                size = max(1, size // 2)
+                logger.warning("out of GPU memory; continuing at concurrency %d", size)
+                torch.cuda.empty_cache()
+            todo = [i for i in todo if outputs[i] is None]
     return [out if out is not None else "" for out in outputs], size
 
 
-def generate_options(settings: EvalSettings, device: torch.device) -> dict[str, Any]:
+def stop_tokens(model: Any, tokenizer: Any) -> list[int]:
+    """The ids that end an answer: the model's generation config's, else the tokenizer's EOS."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
+    return ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def engine_decoder(model: Any, tokenizer: Any, settings: EvalSettings) -> Decoder:
+    """Continuous batching (`tracesft.generate.engine`): the slots are as many as `concurrency`
+    asks, as many prompts as there are, and as many as fit in GPU memory, whichever is least."""
+    from tracesft.generate.engine import Engine, Sampling
+
+    stop = stop_tokens(model, tokenizer)
+
+    def decode(prompts: list[list[int]], limits: list[int], concurrency: int, finished: Callable[[int, str], None]) -> None:
+        max_len = max(len(p) + n for p, n in zip(prompts, limits))
+        slots = min(concurrency, len(prompts), slots_that_fit(model, max_len))
+        logger.info("decoding %d prompts in %d slots of %d positions", len(prompts), slots, max_len)
+        sampling = Sampling()
+        if settings.do_sample:
+            generator = torch.Generator(device=model.device).manual_seed(settings.seed)
+            sampling = Sampling(settings.temperature, settings.top_p, generator)
+        Engine(model, slots, max_len).run(
+            prompts, limits, lambda i, ids: finished(i, tokenizer.decode(ids, skip_special_tokens=True)),
+            stop_tokens=stop, sampling=sampling,
+        )
+
+    return decode
+
+
+def slots_that_fit(model: Any, max_len: int) -> int:
+    """How many KV-cache slots of `max_len` positions fit in the GPU memory left (no limit on a CPU).
+
+    Leaves room for the prefill's activations (`engine.PREFILL_TOKENS` rows through the widest
+    layer, twice over) and 2 GiB besides.
+    """
+    from tracesft.generate.engine import PREFILL_TOKENS, SlotCache
+
+    if model.device.type != "cuda":
+        return 2**31
+    # Cached blocks are returned first: the freed 4-bit weights, say, sit in segments too small
+    # for a layer's cache, so counting them as free would promise memory that cannot be had.
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(model.device)
+    config = model.config
+    element = model.lm_head.weight.element_size()
+    activations = 2 * PREFILL_TOKENS * (4 * config.hidden_size + 3 * config.intermediate_size) * element
+    budget = free - activations - 2 * 2**30
+    per_slot = SlotCache.bytes_per_slot(config, max_len, model.lm_head.weight.dtype)
+    if budget < per_slot:
+        raise torch.cuda.OutOfMemoryError(f"no room for one KV-cache slot of {max_len} positions")
+    return budget // per_slot
+
+
+def generate_options(settings: EvalSettings) -> dict[str, Any]:
     """`generate` keyword arguments for `settings` (shared with benchmarks/eval_throughput.py)."""
-    options: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens}
+    options: dict[str, Any] = {}
     if settings.do_sample:
         options |= {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
     else:
@@ -132,22 +191,24 @@ def generate_options(settings: EvalSettings, device: torch.device) -> dict[str, 
     return options
 
 
-def hf_batch_generator(model: Any, tokenizer: Any, settings: EvalSettings) -> BatchGenerator:
-    """`model.generate` on left-padded batches; new tokens decoded without special tokens.
+def hf_decoder(model: Any, tokenizer: Any, settings: EvalSettings) -> Decoder:
+    """`model.generate` on left-padded static batches of `concurrency` prompts, as the seed decodes.
 
-    Prompts are padded to a multiple of `pad_to_multiple_of`, so few distinct shapes occur. The
-    KV cache is transformers' dynamic one: a static cache with the step compiled into CUDA graphs
-    was measured slower on the 32B (BENCHMARKS.md).
+    Each batch runs to its longest answer. Prompts are padded to a multiple of
+    `pad_to_multiple_of`, so few distinct shapes occur.
     """
-    tokenizer.padding_side = "left"
-    options = generate_options(settings, model.device) | {"pad_token_id": tokenizer.pad_token_id}
+    options = generate_options(settings) | {"pad_token_id": tokenizer.pad_token_id}
 
-    def generate_batch(batch: list[list[int]]) -> list[str]:
-        inputs = tokenizer.pad(
-            {"input_ids": batch}, pad_to_multiple_of=settings.pad_to_multiple_of, return_tensors="pt"
-        ).to(model.device)
-        with torch.inference_mode():
-            generated = model.generate(**inputs, **options)
-        return tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    def decode(prompts: list[list[int]], limits: list[int], concurrency: int, finished: Callable[[int, str], None]) -> None:
+        for start in range(0, len(prompts), concurrency):
+            batch = prompts[start : start + concurrency]
+            inputs = tokenizer.pad(
+                {"input_ids": batch}, padding_side="left", pad_to_multiple_of=settings.pad_to_multiple_of, return_tensors="pt"
+            ).to(model.device)
+            with torch.inference_mode():
+                generated = model.generate(**inputs, **options, max_new_tokens=max(limits[start : start + concurrency]))
+            new = generated[:, inputs["input_ids"].shape[1] :]
+            for offset, row in enumerate(new):
+                finished(start + offset, tokenizer.decode(row[: limits[start + offset]], skip_special_tokens=True))
 
-    return generate_batch
+    return decode

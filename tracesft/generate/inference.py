@@ -17,11 +17,18 @@ Measured and rejected (BENCHMARKS.md): merging the adapter into bf16 weights (ro
 once more: logits moved by 14%); a Triton kernel dequantising NF4 inside the product (bit-exact,
 but 2-13x slower per product than bitsandbytes on an H100); a static KV cache with the step
 compiled into CUDA graphs (identical values, but slower than the dynamic cache: 471 vs 532 tokens/s).
+
+Decoding is then memory-bound on the weights: at a batch of 128 the NF4 layers dequantise every
+weight on every step. `dequantize_base` does it once, keeping bf16 copies (64 GB for the 32B)
+where the GPU has room for them and a useful KV cache beside them: bitsandbytes itself computes
+these products by dequantising to bf16 and multiplying, so above its few-row fused kernels (up to
+~64 rows on an H200) the logits are the same bits. `load_for_inference` chooses and logs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +38,9 @@ from torch import nn
 
 from tracesft.config import EvalSettings, TrainingRecipe
 from tracesft.errors import TracesftError
-from tracesft.train.modeling import load_base_model, quantization_config, uses_cuda
+from tracesft.train.modeling import load_base_model, quantization_config
+
+logger = logging.getLogger(__name__)
 
 # Files over this size are fingerprinted by size, head and tail instead of read whole: hashing the
 # 64 GB of a 32B checkpoint on every evaluation would cost minutes for no gain.
@@ -103,6 +112,51 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+def dequantize_base(model: nn.Module) -> int:
+    """Replace every bitsandbytes 4-bit layer (plain or inside a `LoraLinear`) by a bf16 `nn.Linear`
+    holding its dequantised weight, layer by layer so memory never holds both in full. Returns the
+    number of layers replaced."""
+    import bitsandbytes as bnb
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            dense.weight = nn.Parameter(weight.to(module.compute_dtype or torch.bfloat16), requires_grad=False)
+            if module.bias is not None:
+                dense.bias = nn.Parameter(module.bias.data, requires_grad=False)
+            _replace(model, name, dense)
+            replaced += 1
+    return replaced
+
+
+def dequantized_size_increase(model: nn.Module) -> int:
+    """Bytes that `dequantize_base` would add: bf16 weights minus their packed 4-bit form."""
+    import bitsandbytes as bnb
+
+    return sum(
+        module.in_features * module.out_features * 2 - module.weight.data.numel() * module.weight.data.element_size()
+        for module in model.modules()
+        if isinstance(module, bnb.nn.Linear4bit)
+    )
+
+
+def room_to_dequantize(model: nn.Module, settings: EvalSettings) -> bool:
+    """Whether bf16 weights leave room for a KV cache of `min(batch_size, 64)` full-length answers
+    (1,024 prompt tokens each) and 8 GiB of working memory."""
+    from tracesft.generate.engine import SlotCache
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    slots = min(settings.batch_size, 64)
+    kv = slots * SlotCache.bytes_per_slot(model.config, 1024 + settings.max_new_tokens, torch.bfloat16)
+    return free - dequantized_size_increase(model) >= kv + 8 * 2**30
+
+
 def is_full_model(path: Path) -> bool:
     """A fully fine-tuned model's directory (weights + config), as opposed to a LoRA adapter's."""
     return not (Path(path) / "adapter_config.json").exists() and (Path(path) / "config.json").exists()
@@ -128,16 +182,45 @@ def load_for_inference(
 
         model = PeftModel.from_pretrained(model, str(adapter_path))
     if settings.fast_inference:
-        model = prepare_for_inference(model)
+        model = for_decoding(model, settings)
     return model.eval()
 
 
-def engine_name(recipe: TrainingRecipe, settings: EvalSettings) -> str:
-    """How logits are computed: part of the cache key, since it changes the last bits of them."""
+def for_decoding(model: nn.Module, settings: EvalSettings) -> nn.Module:
+    """The fast decoding form of a loaded model: PEFT's wrappers gone (`prepare_for_inference`),
+    and its 4-bit layers dequantised once where the GPU has room (`room_to_dequantize`)."""
+    model = prepare_for_inference(model)
+    if _is_4bit(model):
+        if room_to_dequantize(model, settings):
+            logger.info("Dequantised %d 4-bit layers to bf16 once: decoding reads bf16 weights.", dequantize_base(model))
+            torch.cuda.empty_cache()
+        else:
+            logger.info("Not enough GPU memory for bf16 weights beside the KV cache: decoding keeps the NF4 layers.")
+    return model
+
+
+def _is_4bit(model: nn.Module) -> bool:
+    """Whether bitsandbytes 4-bit layers are left (by class name: importing bitsandbytes on a
+    CPU-only machine prints warnings for nothing)."""
+    return any(type(module).__name__ == "Linear4bit" for module in model.modules())
+
+
+def engine_name(model: nn.Module, recipe: TrainingRecipe, settings: EvalSettings) -> str:
+    """How the loaded `model` computes its logits and decodes: part of the generation cache key,
+    since each choice can change the last bits of the logits (and so, rarely, a greedy token).
+
+    E.g. `nf4-dq>bf16-engine-bf16`: NF4 with double quantisation, dequantised once to bf16,
+    decoded by the continuous-batching engine, bf16 activations.
+    """
     quantized = quantization_config(recipe) is not None
-    base = f"{recipe.bnb_4bit_quant_type}{'-dq' if recipe.use_double_quant else ''}" if quantized else "dense"
-    dtype = "bf16" if uses_cuda() else "fp32"
-    return f"{base}-{'fast' if settings.fast_inference else 'peft'}-{dtype}"
+    weights = f"{recipe.bnb_4bit_quant_type}{'-dq' if recipe.use_double_quant else ''}" if quantized else "dense"
+    if quantized and not _is_4bit(model):
+        weights += ">bf16"
+    from tracesft.generate.engine import supports
+
+    decoder = "engine" if settings.fast_inference and supports(model) else "hf"
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[model.get_input_embeddings().weight.dtype]
+    return f"{weights}-{decoder}-{dtype}"
 
 
 def model_identity(base_model: str, revision: str | None) -> str:

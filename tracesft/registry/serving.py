@@ -21,7 +21,7 @@ from tracesft.train.adapter import LoraAdapter
 from tracesft.data.answers import Answer, extract_answer
 from tracesft.config import EvalSettings, RegistrySettings, TrainingRecipe, load_run_config
 from tracesft.errors import TracesftError
-from tracesft.generate.batching import generate_in_batches, hf_batch_generator
+from tracesft.generate.batching import generate_all, hf_decoder
 from tracesft.train.modeling import load_base_model, load_tokenizer
 from tracesft.data.prompting import build_prompt
 from tracesft.registry.model_registry import CHAMPION, registry_client
@@ -47,7 +47,7 @@ class LoadedAdapter:
         prompts = [
             self.tokenizer(build_prompt(self.tokenizer, query), add_special_tokens=False)["input_ids"] for query in queries
         ]
-        outputs, _ = generate_in_batches(prompts, hf_batch_generator(self.model, self.tokenizer, settings), settings.batch_size)
+        outputs, _ = generate_all(prompts, hf_decoder(self.model, self.tokenizer, settings), settings.batch_size, settings.max_new_tokens)
         return outputs
 
     def answer(self, query: str, settings: EvalSettings | None = None) -> Answer:
