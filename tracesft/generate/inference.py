@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tracesft.config import EvalSettings, TrainingRecipe
+from tracesft.config import Device, EvalSettings, TrainingRecipe
 from tracesft.errors import TracesftError
-from tracesft.train.modeling import load_base_model, quantization_config, uses_cuda
+from tracesft.train.modeling import load_base_model, quantization_config
 
 # Files over this size are fingerprinted by size, head and tail instead of read whole: hashing the
 # 64 GB of a 32B checkpoint on every evaluation would cost minutes for no gain.
@@ -112,6 +112,7 @@ def load_for_inference(
     base_model: str,
     recipe: TrainingRecipe,
     settings: EvalSettings,
+    device: Device,
     adapter_path: Path | None = None,
     revision: str | None = None,
 ) -> nn.Module:
@@ -120,9 +121,9 @@ def load_for_inference(
     A fully fine-tuned model (`use_lora: false`) is its own directory and is loaded as the model.
     """
     if adapter_path is not None and is_full_model(adapter_path):
-        model = load_base_model(str(adapter_path), recipe)
+        model = load_base_model(str(adapter_path), recipe, device)
     else:
-        model = load_base_model(base_model, recipe, revision)
+        model = load_base_model(base_model, recipe, device, revision)
     if adapter_path is not None and not is_full_model(adapter_path):
         from peft import PeftModel
 
@@ -132,11 +133,11 @@ def load_for_inference(
     return model.eval()
 
 
-def engine_name(recipe: TrainingRecipe, settings: EvalSettings) -> str:
+def engine_name(recipe: TrainingRecipe, settings: EvalSettings, device: Device) -> str:
     """How logits are computed: part of the cache key, since it changes the last bits of them."""
-    quantized = quantization_config(recipe) is not None
+    quantized = quantization_config(recipe, device) is not None
     base = f"{recipe.bnb_4bit_quant_type}{'-dq' if recipe.use_double_quant else ''}" if quantized else "dense"
-    dtype = "bf16" if uses_cuda() else "fp32"
+    dtype = "bf16" if device == "cuda" else "fp32"
     return f"{base}-{'fast' if settings.fast_inference else 'peft'}-{dtype}"
 
 
