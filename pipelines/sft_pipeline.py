@@ -4,7 +4,8 @@ Its parameters are the fields of `tracesft.config.RunConfig`, so a run configura
 `parameters:` section configures it whether it is started by `zenml pipeline run` or by
 `tracesft run`. Content hashes of the trace files and the eval set are computed here, on the
 client, and passed to the steps that read those files: that is what ties ZenML's cache to the
-data's bytes rather than to file names.
+data's bytes rather than to file names. `device` is a parameter of every step that loads a model,
+so a cpu run and a cuda run (different precision and quantisation) never share cached outputs.
 """
 
 from typing import Optional
@@ -28,6 +29,7 @@ from steps import (
 from tracesft.config import (
     PRODUCTION_BASE_MODEL,
     DatasetSettings,
+    Device,
     EvalSettings,
     QualitySettings,
     RegistrySettings,
@@ -45,6 +47,7 @@ from tracesft.evaluate.eval_set import eval_set_hash
 def sft_pipeline(
     traces: list[str],
     eval_set: str,
+    device: Device = "cuda",
     field_map: Optional[dict[str, str]] = None,
     on_bad_record: str = "error",
     base_model: str = PRODUCTION_BASE_MODEL,
@@ -62,14 +65,15 @@ def sft_pipeline(
         verified, base_model, base_model_revision, training.max_seq_length, eval_set, quality, registry
     )
     sft_dataset, _summary = build_sft_dataset(verified, quality_report, dataset)
-    adapter = train_adapter(sft_dataset, base_model, base_model_revision, training, registry)
+    adapter = train_adapter(sft_dataset, base_model, base_model_revision, training, device, registry)
     problems = load_eval_problems(eval_set, eval_hash, sft_dataset, evaluation)
     validation = load_validation_problems(sft_dataset)
     base_report = evaluate_model(
-        problems, base_model, base_model_revision, evaluation, training, validation=validation, id="evaluate_base"
+        problems, base_model, base_model_revision, evaluation, training, device, validation=validation, id="evaluate_base"
     )
     tuned_report = evaluate_model(
-        problems, base_model, base_model_revision, evaluation, training, adapter, validation, id="evaluate_finetuned"
+        problems, base_model, base_model_revision, evaluation, training, device, adapter, validation,
+        id="evaluate_finetuned",
     )
     # The gate's evidence: the paired bootstrap interval of the F1 difference, also in MLflow.
     comparison, _report_page = compare_models(base_report, tuned_report, adapter, evaluation, registry)

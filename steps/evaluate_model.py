@@ -3,7 +3,8 @@ from typing import Annotated
 from zenml import log_metadata, step
 
 from tracesft.train.adapter import LoraAdapter
-from tracesft.config import EvalSettings, TrainingRecipe
+from tracesft.config import Device, EvalSettings, TrainingRecipe
+from tracesft.device import require_device
 from tracesft.evaluate.eval_set import EvalProblem
 from tracesft.evaluate.evaluation import EvalReport, evaluate
 
@@ -15,16 +16,19 @@ def evaluate_model(
     base_model_revision: str | None,
     settings: EvalSettings,
     recipe: TrainingRecipe,
+    device: Device,
     adapter: LoraAdapter | None = None,
     validation: list[EvalProblem] | None = None,
 ) -> Annotated[EvalReport, "eval_report"]:
     """Score the base (no adapter) or the fine-tuned model on the same problems (and their renamed
     and validation-split companions)."""
+    require_device(device)
     report = evaluate(
         base_model,
         problems,
         settings,
         recipe,
+        device,
         adapter.path if adapter is not None else None,
         base_model_revision,
         validation,

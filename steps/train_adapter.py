@@ -6,7 +6,8 @@ import mlflow
 from zenml import log_metadata, step
 
 from tracesft.train.adapter import LoraAdapter, write_metadata
-from tracesft.config import RegistrySettings, TrainingRecipe
+from tracesft.config import Device, RegistrySettings, TrainingRecipe
+from tracesft.device import require_device
 from tracesft.train.distributed import train
 from tracesft.data.sft_dataset import SFTDataset
 from tracesft.train.tracking import mlflow_logging_callback, use_tracking
@@ -20,16 +21,20 @@ def train_adapter(
     base_model: str,
     base_model_revision: str | None,
     recipe: TrainingRecipe,
+    device: Device,
     registry: RegistrySettings,
 ) -> Annotated[LoraAdapter, "lora_adapter"]:
     """QLoRA fine-tuning, tracked as an MLflow run that registration later adds scores to."""
+    require_device(device)
     experiment_id = use_tracking(registry)
     tags = zenml_run_tags()
     with mlflow.start_run(run_name=tags["zenml_run_name"], experiment_id=experiment_id, tags=tags) as run:
-        mlflow.log_params({f"recipe.{k}": v for k, v in recipe.model_dump().items()} | {"base_model": base_model})
+        mlflow.log_params(
+            {f"recipe.{k}": v for k, v in recipe.model_dump().items()} | {"base_model": base_model, "device": device}
+        )
         output_dir = Path(tempfile.mkdtemp(prefix="tracesft-train-"))
         adapter, summary = train(
-            dataset, base_model, recipe, output_dir, base_model_revision, callbacks=[mlflow_logging_callback()]
+            dataset, base_model, recipe, device, output_dir, base_model_revision, callbacks=[mlflow_logging_callback(device)]
         )
         mlflow.log_metrics({"final_train_loss": summary.train_loss} | (
             {"final_eval_loss": summary.eval_loss} if summary.eval_loss is not None else {}

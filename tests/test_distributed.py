@@ -64,12 +64,12 @@ def test_two_processes_follow_the_one_process_loss_curve(model_and_dataset, tmp_
                 one_process_losses.append(float(logs["loss"]))
 
     # One process: trains in this process, so the in-process callback sees every log line.
-    single, single_summary = train(dataset, model_dir, recipe(1), tmp_path / "one", callbacks=[LossRecorder()])
+    single, single_summary = train(dataset, model_dir, recipe(1), "cpu", tmp_path / "one", callbacks=[LossRecorder()])
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     experiment_id = use_tracking(RegistrySettings(experiment_name="distributed-test"))
     with mlflow.start_run(experiment_id=experiment_id) as run:
-        double, double_summary = train(dataset, model_dir, recipe(2), tmp_path / "two")
+        double, double_summary = train(dataset, model_dir, recipe(2), "cpu", tmp_path / "two")
     two_process_losses = [entry["loss"] for entry in read_log_history(tmp_path / "two") if "loss" in entry]
 
     assert double_summary.global_steps == single_summary.global_steps >= 3
@@ -104,10 +104,9 @@ def test_ddp_launch_on_gpus() -> None:
     assert "--multi_gpu" in command and "--use_fsdp" not in command
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP is refused only where no GPU is visible")
-def test_fsdp_without_gpus_is_a_clear_error() -> None:
-    with pytest.raises(TracesftError, match=r"parameters\.training\.distributed\.strategy: fsdp_qlora needs CUDA GPUs"):
-        check_devices(DistributedSettings(num_processes=2, strategy="fsdp_qlora"))
+def test_fsdp_on_device_cpu_is_a_clear_error() -> None:
+    with pytest.raises(TracesftError, match=r"parameters\.training\.distributed\.strategy: fsdp_qlora needs device cuda"):
+        check_devices(DistributedSettings(num_processes=2, strategy="fsdp_qlora"), "cpu")
 
 
 @pytest.mark.parametrize(

@@ -51,13 +51,13 @@ def _random_lora(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def test_fast_inference_keeps_the_function_of_a_lora_model(model_dir: Path) -> None:
-    model = _random_lora(load_base_model(str(model_dir), TrainingRecipe()))
+    model = _random_lora(load_base_model(str(model_dir), TrainingRecipe(), "cpu"))
     ids = torch.randint(5, 500, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         before = model(input_ids=ids).logits
         prepared = prepare_for_inference(model)
         after = prepared(input_ids=ids).logits
-        plain = load_base_model(str(model_dir), TrainingRecipe())(input_ids=ids).logits
+        plain = load_base_model(str(model_dir), TrainingRecipe(), "cpu")(input_ids=ids).logits
     assert type(prepared).__name__ == "Qwen2ForCausalLM"
     assert sum(isinstance(m, LoraLinear) for m in prepared.modules()) == 3 * 2  # q, v, down of both layers
     assert torch.equal(before, after)  # PEFT's arithmetic, op for op
@@ -104,7 +104,7 @@ def test_evaluate_scores_three_sets_and_resumes_from_its_cache(model_dir: Path, 
     problems = load_eval_set(EVAL_PATH)[:6]
     validation = problems[:2]
     settings = EvalSettings(max_new_tokens=6, batch_size=4, cache_dir=str(tmp_path / "cache"), fast_inference=True)
-    report = evaluate(str(model_dir), problems, settings, TrainingRecipe(), validation=validation)
+    report = evaluate(str(model_dir), problems, settings, TrainingRecipe(), "cpu", validation=validation)
     assert report.model == "base" and report.scores.n == 6
     assert report.renamed is not None and report.renamed.scores.n == 6
     assert report.validation is not None and report.validation.scores.n == 2
@@ -113,12 +113,12 @@ def test_evaluate_scores_three_sets_and_resumes_from_its_cache(model_dir: Path, 
     assert report.generation.generated == 14 and report.generation.from_cache == 0
     assert report.generation.engine == "dense-engine-fp32"
 
-    again = evaluate(str(model_dir), problems, settings, TrainingRecipe(), validation=validation)
+    again = evaluate(str(model_dir), problems, settings, TrainingRecipe(), "cpu", validation=validation)
     assert again.generation.generated == 0 and again.generation.from_cache == 14
     assert [p.output for p in again.predictions] == [p.output for p in report.predictions]
     assert "robustness_f1_drop" in again.model_dump()
 
-    seed_path = evaluate(str(model_dir), problems, settings.model_copy(update={"fast_inference": False}), TrainingRecipe())
+    seed_path = evaluate(str(model_dir), problems, settings.model_copy(update={"fast_inference": False}), TrainingRecipe(), "cpu")
     assert seed_path.generation.generated == 12  # another engine: its own cache entries
     assert [p.output for p in seed_path.predictions] == [p.output for p in report.predictions]
 

@@ -102,6 +102,13 @@ def test_gpu_resources_on_training_and_evaluation_only(production_snapshot):
             assert not settings.gpu_count, f"{name} is a data step and must stay on CPU"
 
 
+def test_gpu_steps_take_the_device_as_a_parameter(production_snapshot):
+    """A step's parameters are part of its ZenML cache key: a cpu run never reuses a cuda run's outputs."""
+    snapshot, _ = production_snapshot
+    for name in GPU_STEPS:
+        assert snapshot.step_configurations[name].config.parameters["device"] == "cuda", name
+
+
 def test_kubernetes_pod_settings_put_gpu_steps_on_gpu_nodes():
     from zenml.integrations.kubernetes.flavors.kubernetes_orchestrator_flavor import KubernetesOrchestratorSettings
 

@@ -117,7 +117,7 @@ def test_an_identical_adapter_reuses_its_version(env: dict[str, Any]) -> None:
 def test_the_champion_loads_by_alias_and_answers(env: dict[str, Any]) -> None:
     from peft import PeftModel
 
-    loaded = load_registered_adapter(f"models:/{MODEL}@champion")
+    loaded = load_registered_adapter(f"models:/{MODEL}@champion", device="cpu")
     assert (loaded.name, loaded.version) == (MODEL, "1")
     assert isinstance(loaded.model, PeftModel)
     assert loaded.answer(QUERY, EvalSettings(max_new_tokens=8)) in ("yes", "no", "none")  # random weights: any answer
@@ -129,7 +129,7 @@ def test_the_champion_loads_by_alias_and_answers(env: dict[str, Any]) -> None:
 
 def test_unknown_alias_is_a_clear_error(env: dict[str, Any]) -> None:
     with pytest.raises(TracesftError, match="has no alias 'nope'"):
-        load_registered_adapter(MODEL, alias="nope")
+        load_registered_adapter(MODEL, alias="nope", device="cpu")
 
 
 # --- the gate ----------------------------------------------------------------------------------
@@ -323,5 +323,6 @@ def test_unreachable_server_is_one_clear_cli_error(monkeypatch: pytest.MonkeyPat
 def _config(env: dict[str, Any]) -> Path:
     config = env["root"] / "run.yaml"
     if not config.exists():
-        config.write_text(f"parameters:\n  traces: [t]\n  eval_set: e.csv\n  registry:\n    model_name: {MODEL}\n")
+        config.write_text(f"parameters:\n  traces: [t]\n  eval_set: e.csv\n  device: cpu\n"
+                          f"  registry:\n    model_name: {MODEL}\n")
     return config

@@ -70,7 +70,7 @@ def test_offline_wandb_run_records_training_beside_the_trainer(tiny_setup, no_wa
     model, dataset = tiny_setup
     monkeypatch.setenv("WANDB_MODE", "offline")
 
-    adapter, summary = train_lora(dataset, str(model), _recipe(report_to=["wandb"]), tmp_path / "out")
+    adapter, summary = train_lora(dataset, str(model), _recipe(report_to=["wandb"]), "cpu", tmp_path / "out")
 
     assert summary.global_steps > 0 and (adapter.path / "adapter_config.json").exists()
     [run_dir] = (tmp_path / "wandb").glob("offline-run-*")

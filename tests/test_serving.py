@@ -42,7 +42,7 @@ def _unmerged_logits(adapter: LoraAdapter) -> torch.Tensor:
 
 
 def test_float32_merge_matches_the_unmerged_adapter(adapter: LoraAdapter, tmp_path: Path) -> None:
-    out = export_merged(adapter, tmp_path / "merged", dtype="float32", source="models:/x/1")
+    out = export_merged(adapter, tmp_path / "merged", "cpu", dtype="float32", source="models:/x/1")
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in name for name, _ in merged.named_parameters())
     torch.testing.assert_close(_logits(merged, AutoTokenizer.from_pretrained(out)), _unmerged_logits(adapter), atol=1e-4, rtol=1e-4)
@@ -51,7 +51,7 @@ def test_float32_merge_matches_the_unmerged_adapter(adapter: LoraAdapter, tmp_pa
 
 
 def test_bf16_merge_is_bf16_and_close_to_the_unmerged_adapter(adapter: LoraAdapter, tmp_path: Path) -> None:
-    out = export_merged(adapter, tmp_path / "merged")
+    out = export_merged(adapter, tmp_path / "merged", "cpu")
     merged = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert merged.dtype == torch.bfloat16
     reference = _unmerged_logits(adapter)
@@ -65,7 +65,7 @@ def test_export_refuses_a_non_empty_directory(adapter: LoraAdapter, tmp_path: Pa
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
     with pytest.raises(TracesftError, match="not empty"):
-        export_merged(adapter, tmp_path / "busy")
+        export_merged(adapter, tmp_path / "busy", "cpu")
 
 
 @pytest.mark.parametrize(

@@ -105,7 +105,7 @@ def test_r1_tokenizer_variant_really_adds_bos(r1_model_dir) -> None:
 def test_loss_covers_the_completion_only(which, packing, model_dir, r1_model_dir, records, tmp_path) -> None:
     path = str(model_dir if which == "tiny" else r1_model_dir)
     recipe = TrainingRecipe(**FAST | {"per_device_train_batch_size": 2, "packing": packing})
-    prepared = prepare_training(dataset(records[:2]), path, recipe, tmp_path)
+    prepared = prepare_training(dataset(records[:2]), path, recipe, "cpu", tmp_path)
     tokenizer = prepared.tokenizer
     batch = first_batch(prepared)
     ids, labels = batch["input_ids"], batch["labels"]
@@ -166,7 +166,7 @@ def _per_example_losses(model, ids, labels, starts, **kwargs) -> list[float]:
 @pytest.mark.parametrize("attention", [VARLEN_ATTENTION, "sdpa", "eager"])
 def test_packed_and_unpacked_give_the_same_per_example_loss(attention, model_dir, records, tmp_path) -> None:
     recipe = TrainingRecipe(**FAST | {"per_device_train_batch_size": 3, "packing": True})
-    prepared = prepare_training(dataset(records[:3]), str(model_dir), recipe, tmp_path)
+    prepared = prepare_training(dataset(records[:3]), str(model_dir), recipe, "cpu", tmp_path)
     model = prepared.trainer.model.eval()
     model.set_attn_implementation(attention)
     batch = first_batch(prepared)
@@ -204,13 +204,13 @@ class PreemptAt(TrainerCallback):
 def test_killed_and_resumed_run_ends_with_the_uninterrupted_adapter(model_dir, records, tmp_path) -> None:
     recipe = TrainingRecipe(**FAST | {"save_steps": 2, "num_train_epochs": 2, "lora_dropout": 0.1})
     data = dataset(records[:4])
-    full, full_summary = train_lora(data, str(model_dir), recipe, tmp_path / "full", checkpoint_dir=tmp_path / "ckpt-full")
+    full, full_summary = train_lora(data, str(model_dir), recipe, "cpu", tmp_path / "full", checkpoint_dir=tmp_path / "ckpt-full")
 
     checkpoints = tmp_path / "ckpt-killed"
     with pytest.raises(Preempted):
-        train_lora(data, str(model_dir), recipe, tmp_path / "first", callbacks=[PreemptAt(5)], checkpoint_dir=checkpoints)
+        train_lora(data, str(model_dir), recipe, "cpu", tmp_path / "first", callbacks=[PreemptAt(5)], checkpoint_dir=checkpoints)
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    resumed, summary = train_lora(data, str(model_dir), recipe, tmp_path / "second", checkpoint_dir=checkpoints)
+    resumed, summary = train_lora(data, str(model_dir), recipe, "cpu", tmp_path / "second", checkpoint_dir=checkpoints)
 
     assert summary.resumed_from.endswith("checkpoint-4") and summary.global_steps == full_summary.global_steps > 5
     expected = load_file(full.path / "adapter_model.safetensors")
@@ -218,7 +218,7 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_adapter(model_dir, r
     assert expected.keys() == got.keys() and expected
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
-    untrained = prepare_training(data, str(model_dir), recipe, tmp_path / "fresh").trainer.model
+    untrained = prepare_training(data, str(model_dir), recipe, "cpu", tmp_path / "fresh").trainer.model
     b_weight = next(v for k, v in untrained.state_dict().items() if "lora_B" in k)
     assert not torch.equal(b_weight, next(v for k, v in got.items() if "lora_B" in k))  # it did train
 
@@ -227,12 +227,13 @@ def test_persistent_checkpoint_directory_is_keyed_by_the_inputs(tmp_path) -> Non
     from tracesft.train.training import checkpoint_directory
 
     recipe = TrainingRecipe(checkpoint_dir=str(tmp_path))
-    here = checkpoint_directory(recipe, "m", None, "a" * 64)
+    here = checkpoint_directory(recipe, "cpu", "m", None, "a" * 64)
     assert here.parent == tmp_path
-    assert checkpoint_directory(recipe.model_copy(update={"save_steps": 7}), "m", None, "a" * 64) == here
-    assert checkpoint_directory(recipe.model_copy(update={"lora_r": 8}), "m", None, "a" * 64) != here
-    assert checkpoint_directory(recipe, "m", None, "b" * 64) != here
-    assert checkpoint_directory(TrainingRecipe(), "m", None, "a" * 64) is None
+    assert checkpoint_directory(recipe.model_copy(update={"save_steps": 7}), "cpu", "m", None, "a" * 64) == here
+    assert checkpoint_directory(recipe.model_copy(update={"lora_r": 8}), "cpu", "m", None, "a" * 64) != here
+    assert checkpoint_directory(recipe, "cpu", "m", None, "b" * 64) != here
+    assert checkpoint_directory(recipe, "cuda", "m", None, "a" * 64) != here  # other precision, other run
+    assert checkpoint_directory(TrainingRecipe(), "cpu", "m", None, "a" * 64) is None
 
 
 # --- tracking -------------------------------------------------------------------------------------
@@ -248,8 +249,8 @@ def test_metrics_and_loss_curve_reach_mlflow(model_dir, records, tmp_path, monke
     experiment = use_tracking(RegistrySettings(experiment_name="training-test"))
     recipe = TrainingRecipe(**FAST | {"eval_steps": 2, "per_device_train_batch_size": 2})
     with mlflow.start_run(experiment_id=experiment) as run:
-        train_lora(dataset(records[:6], records[6:8]), str(model_dir), recipe, tmp_path / "run",
-                   callbacks=[mlflow_logging_callback()])
+        train_lora(dataset(records[:6], records[6:8]), str(model_dir), recipe, "cpu", tmp_path / "run",
+                   callbacks=[mlflow_logging_callback("cpu")])
     client = mlflow.MlflowClient()
     metrics = client.get_run(run.info.run_id).data.metrics
     for name in ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "samples_per_s"):
@@ -265,12 +266,12 @@ def test_metrics_and_loss_curve_reach_mlflow(model_dir, records, tmp_path, monke
 
 def test_full_fine_tuning_saves_a_model_that_evaluation_scores(model_dir, records, tmp_path) -> None:
     recipe = TrainingRecipe(**FAST | {"use_lora": False, "use_4bit": False})
-    artifact, summary = train_lora(dataset(records[:3]), str(model_dir), recipe, tmp_path)
+    artifact, summary = train_lora(dataset(records[:3]), str(model_dir), recipe, "cpu", tmp_path)
     assert summary.full_fine_tuning and artifact.metadata["kind"] == "full"
     assert (artifact.path / "config.json").exists() and not (artifact.path / "adapter_config.json").exists()
     problems = [EvalProblem(query=r.query, label=r.gold, num_variables=3, template="parent", row=i)
                 for i, r in enumerate(records[:2])]
-    report = evaluate(str(model_dir), problems, EvalSettings(max_new_tokens=4, batch_size=2), recipe, artifact.path)
+    report = evaluate(str(model_dir), problems, EvalSettings(max_new_tokens=4, batch_size=2), recipe, "cpu", artifact.path)
     assert report.model == "fine-tuned" and len(report.predictions) == 2
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tracesft.config import TrainingRecipe, embedded_config_path, load_run_config, with_traces, with_training_overrides
+from tracesft.device import require_device
 from tracesft.errors import TracesftError
 from tracesft.train.tracking import STATE_DIR
 
@@ -123,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _demo(args: argparse.Namespace) -> int:
     _prepare_embedded_workspace()
-    return _run_and_report(embedded_config_path(), args.json)
+    return _run_and_report(embedded_config_path(), args.json, embedded_config_path())
 
 
 def _prepare_embedded_workspace() -> None:
@@ -149,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
     if overrides:
         config = with_training_overrides(config, overrides, STATE_DIR / "run-configs")
     load_run_config(config)  # fail fast, with a clear message, before ZenML starts
-    return _run_and_report(config, args.json)
+    return _run_and_report(config, args.json, args.config or embedded_config_path())
 
 
 def _retrain(args: argparse.Namespace) -> int:
@@ -161,15 +162,18 @@ def _retrain(args: argparse.Namespace) -> int:
     load_run_config(source)  # fail fast, with a clear message, before ZenML starts
     with tempfile.TemporaryDirectory(prefix="tracesft-retrain-") as directory:
         config = with_traces(source, [args.traces.resolve()], Path(directory) / "run.yaml")
-        return _run_and_report(config, args.json, shown_config=args.config)
+        return _run_and_report(config, args.json, args.config or embedded_config_path())
 
 
-def _run_and_report(config: Path, as_json: bool, shown_config: Path | None = None) -> int:
+def _run_and_report(config: Path, as_json: bool, shown_config: Path) -> int:
+    """Run the pipeline on `config` (possibly a derived copy of the user's `shown_config`) and report."""
     from pipelines.run import run_pipeline, run_summary
     from tracesft.registry.model_registry import list_versions
     from tracesft.train.tracking import resolve_tracking_uri
 
-    settings = load_run_config(config).registry
+    run_config = load_run_config(config)
+    require_device(run_config.device, str(shown_config))  # before ZenML starts, not in its first GPU step
+    settings = run_config.registry
     summary = run_summary(run_pipeline(config))
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
@@ -189,7 +193,6 @@ def _run_and_report(config: Path, as_json: bool, shown_config: Path | None = Non
                 print(f"  version {row['version']}: aliases {row['aliases'] or '-'}; {metrics}")
     uri = resolve_tracking_uri(settings)
     print("\nSee the results:")
-    shown_config = shown_config or config
     print(f"  tracesft adapters list{'' if shown_config == embedded_config_path() else f' --config {shown_config}'}")
     if uri.startswith("sqlite:///"):
         print(f"  MLflow UI:        mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
@@ -353,8 +356,10 @@ def _adapters_history(args: argparse.Namespace) -> int:
 def _adapters_export(args: argparse.Namespace) -> int:
     from tracesft.registry.serving import export_registered_merged
 
-    settings = load_run_config(args.config).registry
-    out = export_registered_merged(settings, args.version, args.merged, args.base_model, args.dtype)
+    run_config = load_run_config(args.config)
+    require_device(run_config.device, str(args.config or embedded_config_path()))
+    settings = run_config.registry
+    out = export_registered_merged(settings, args.version, args.merged, run_config.device, args.base_model, args.dtype)
     if args.json:
         print(json.dumps({"name": settings.model_name, "version": args.version, "merged": str(out), "dtype": args.dtype}))
     else:

@@ -19,6 +19,11 @@ from tracesft.errors import TracesftError
 
 PRODUCTION_BASE_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"
 
+# What the run computes on, stated rather than guessed from the machine: it decides quantisation
+# (NF4 needs CUDA), precision (bf16 or fp32), optimizer (paged 8-bit AdamW needs CUDA) and kernels,
+# so a GPU job that lost its GPU must stop (`tracesft.device.require_device`), not run in fp32.
+Device = Literal["cuda", "cpu"]
+
 
 class _Settings(BaseModel):
     # Unknown keys are almost always typos of real knobs; reject them instead of ignoring them.
@@ -153,6 +158,7 @@ class RunConfig(_Settings):
     """Everything one pipeline run needs; mirrors the pipeline's parameters one to one."""
 
     traces: list[str] = Field(min_length=1)
+    device: Device = "cuda"  # cpu: unquantised fp32 with AdamW (the demo); cuda: the seed recipe as written
     field_map: dict[str, str] = Field(default_factory=dict)
     # A record ingestion cannot read (e.g. one broken JSONL line): stop the run ("error") or skip
     # it and list it in the ingested batch and the step's metadata ("skip").

@@ -34,7 +34,7 @@ def model(tmp_path_factory: pytest.TempPathFactory):
     from peft import LoraConfig, get_peft_model
 
     directory = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", tokenizer_corpus())
-    base = load_base_model(str(directory), TrainingRecipe())
+    base = load_base_model(str(directory), TrainingRecipe(), "cuda")
     assert any(type(m).__name__ == "Linear4bit" for m in base.modules()), "the recipe loads NF4 on CUDA"
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TrainingRecipe().target_modules))
     with torch.no_grad():

@@ -28,10 +28,10 @@ def test_merged_export_of_a_4bit_base_matches_the_unmerged_adapter(tmp_path):
 
     adapter = tiny_adapter(tiny_base(tmp_path), tmp_path / "adapter", seed=3)
     recipe = TrainingRecipe.model_validate(adapter.metadata["recipe"])
-    base = load_base_model(adapter.metadata["base_model"], recipe)
+    base = load_base_model(adapter.metadata["base_model"], recipe, "cuda")
     assert getattr(base, "is_loaded_in_4bit", False)
     unmerged = PeftModel.from_pretrained(base, str(adapter.path)).eval()
-    out = export_merged(adapter, tmp_path / "merged")
+    out = export_merged(adapter, tmp_path / "merged", "cuda")
     merged = AutoModelForCausalLM.from_pretrained(out, dtype="auto", device_map={"": 0})
     assert merged.dtype == torch.bfloat16
 

@@ -43,8 +43,8 @@ def test_two_gpus_follow_the_one_gpu_loss_curve(tmp_path, strategy) -> None:
             if logs and "loss" in logs:
                 one_gpu.append(float(logs["loss"]))
 
-    _, single = train(dataset, str(model_dir), recipe(1), tmp_path / "one", callbacks=[LossRecorder()])
-    adapter, double = train(dataset, str(model_dir), recipe(2), tmp_path / "two")
+    _, single = train(dataset, str(model_dir), recipe(1), "cuda", tmp_path / "one", callbacks=[LossRecorder()])
+    adapter, double = train(dataset, str(model_dir), recipe(2), "cuda", tmp_path / "two")
     two_gpus = [entry["loss"] for entry in read_log_history(tmp_path / "two") if "loss" in entry]
 
     print(f"\n{strategy} on {torch.cuda.get_device_name()}: 1 GPU {one_gpu}\n2 GPUs {two_gpus}")

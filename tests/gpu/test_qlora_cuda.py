@@ -39,14 +39,14 @@ def test_qlora_trains_saves_and_reloads_in_4bit(tmp_path):
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    adapter, summary = train_lora(dataset, str(model_dir), recipe, tmp_path / "run", callbacks=[LossRecorder()])
+    adapter, summary = train_lora(dataset, str(model_dir), recipe, "cuda", tmp_path / "run", callbacks=[LossRecorder()])
 
     assert summary.quantized_4bit and summary.optimizer == "paged_adamw_8bit"
     assert len(losses) >= 3 and losses[-1] < losses[0], losses
     assert (adapter.path / "adapter_model.safetensors").stat().st_size > 0
     problems = [EvalProblem(query=r.query, label=r.gold, num_variables=3, template="parent", row=i)
                 for i, r in enumerate(dataset.validation[:4])]
-    report = evaluate(str(model_dir), problems, EvalSettings(max_new_tokens=8, batch_size=4), recipe, adapter.path)
+    report = evaluate(str(model_dir), problems, EvalSettings(max_new_tokens=8, batch_size=4), recipe, "cuda", adapter.path)
     assert report.model == "fine-tuned" and len(report.predictions) == len(problems)
     print(f"\nGPU check on {torch.cuda.get_device_name()}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
           f"{summary.global_steps} steps in {summary.train_runtime_s:.1f}s, peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
@@ -57,10 +57,10 @@ def test_quantized_base_is_cached_and_loads_back_identical(tmp_path):
 
     model_dir = build_tiny_model(tmp_path / "tiny", tokenizer_corpus())
     recipe = TrainingRecipe(quantized_base_cache=str(tmp_path / "cache"))
-    cached = quantized_base_path(str(model_dir), recipe)
-    built = load_base_model(str(model_dir), recipe)
+    cached = quantized_base_path(str(model_dir), recipe, "cuda")
+    built = load_base_model(str(model_dir), recipe, "cuda")
     assert (cached / "config.json").exists() and list(cached.glob("*.safetensors"))
-    loaded = load_base_model(str(model_dir), recipe)  # now from the cache
+    loaded = load_base_model(str(model_dir), recipe, "cuda")  # now from the cache
     assert built.is_loaded_in_4bit and loaded.is_loaded_in_4bit
     assert loaded.config.quantization_config.bnb_4bit_quant_type == "nf4"
     ids = load_tokenizer(str(model_dir))("Premise: A correlates with B.", return_tensors="pt")["input_ids"].cuda()
@@ -79,7 +79,7 @@ def test_packed_training_uses_varlen_attention_and_liger_when_installed(tmp_path
     verified = verify(ingest([str(DATA / "sample_traces")])).kept
     dataset = build_sft_dataset(verified, validation_fraction=0.15, seed=42)
     recipe = TrainingRecipe(per_device_train_batch_size=4, gradient_accumulation_steps=1, num_train_epochs=1)
-    prepared = prepare_training(dataset, str(model_dir), recipe, tmp_path / "run")
+    prepared = prepare_training(dataset, str(model_dir), recipe, "cuda", tmp_path / "run")
     assert prepared.trainer.model.config._attn_implementation == VARLEN_ATTENTION
     assert prepared.trainer.args.use_liger_kernel == (importlib.util.find_spec("liger_kernel") is not None)
     result = prepared.trainer.train()

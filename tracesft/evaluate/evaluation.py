@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, computed_field
 
 from tracesft.data.answers import Answer, extract_answer
-from tracesft.config import EvalSettings, TrainingRecipe
+from tracesft.config import Device, EvalSettings, TrainingRecipe
 from tracesft.evaluate.eval_set import EvalProblem, renamed_problems
 from tracesft.generate.batching import (
     GenerationCache,
@@ -78,6 +78,7 @@ def evaluate(
     problems: list[EvalProblem],
     settings: EvalSettings,
     recipe: TrainingRecipe,
+    device: Device,
     adapter_path: Path | None = None,
     revision: str | None = None,
     validation: list[EvalProblem] | None = None,
@@ -89,8 +90,8 @@ def evaluate(
         sets[VALIDATION] = validation
 
     tokenizer = load_tokenizer(base_model, revision)
-    model = load_for_inference(base_model, recipe, settings, adapter_path, revision)
-    engine = engine_name(model, recipe, settings)
+    model = load_for_inference(base_model, recipe, settings, device, adapter_path, revision)
+    engine = engine_name(model, recipe, settings, device)
     flat = [(name, problem) for name, items in sets.items() for problem in items]
     prompts = [build_prompt(tokenizer, problem.query) for _, problem in flat]
     cache = GenerationCache(settings.cache_dir) if settings.cache_dir else None

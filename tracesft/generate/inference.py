@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tracesft.config import EvalSettings, TrainingRecipe
+from tracesft.config import Device, EvalSettings, TrainingRecipe
 from tracesft.errors import TracesftError
 from tracesft.train.modeling import load_base_model, quantization_config
 
@@ -166,6 +166,7 @@ def load_for_inference(
     base_model: str,
     recipe: TrainingRecipe,
     settings: EvalSettings,
+    device: Device,
     adapter_path: Path | None = None,
     revision: str | None = None,
 ) -> nn.Module:
@@ -174,9 +175,9 @@ def load_for_inference(
     A fully fine-tuned model (`use_lora: false`) is its own directory and is loaded as the model.
     """
     if adapter_path is not None and is_full_model(adapter_path):
-        model = load_base_model(str(adapter_path), recipe)
+        model = load_base_model(str(adapter_path), recipe, device)
     else:
-        model = load_base_model(base_model, recipe, revision)
+        model = load_base_model(base_model, recipe, device, revision)
     if adapter_path is not None and not is_full_model(adapter_path):
         from peft import PeftModel
 
@@ -205,14 +206,14 @@ def _is_4bit(model: nn.Module) -> bool:
     return any(type(module).__name__ == "Linear4bit" for module in model.modules())
 
 
-def engine_name(model: nn.Module, recipe: TrainingRecipe, settings: EvalSettings) -> str:
+def engine_name(model: nn.Module, recipe: TrainingRecipe, settings: EvalSettings, device: Device) -> str:
     """How the loaded `model` computes its logits and decodes: part of the generation cache key,
     since each choice can change the last bits of the logits (and so, rarely, a greedy token).
 
     E.g. `nf4-dq>bf16-engine-bf16`: NF4 with double quantisation, dequantised once to bf16,
     decoded by the continuous-batching engine, bf16 activations.
     """
-    quantized = quantization_config(recipe) is not None
+    quantized = quantization_config(recipe, device) is not None
     weights = f"{recipe.bnb_4bit_quant_type}{'-dq' if recipe.use_double_quant else ''}" if quantized else "dense"
     if quantized and not _is_4bit(model):
         weights += ">bf16"

@@ -19,7 +19,7 @@ import torch
 
 from tracesft.train.adapter import LoraAdapter
 from tracesft.data.answers import Answer, extract_answer
-from tracesft.config import EvalSettings, RegistrySettings, TrainingRecipe, load_run_config
+from tracesft.config import Device, EvalSettings, RegistrySettings, TrainingRecipe, load_run_config
 from tracesft.errors import TracesftError
 from tracesft.generate.batching import generate_all, hf_decoder
 from tracesft.train.modeling import load_base_model, load_tokenizer
@@ -109,35 +109,39 @@ def load_registered_adapter(
     version: str | None = None,
     base_model: str | None = None,
     settings: RegistrySettings | None = None,
+    *,
+    device: Device,
 ) -> LoadedAdapter:
     """Load `models:/<name>@champion` (or any alias or version) onto its base model.
 
-    The base is loaded as for evaluation (4-bit NF4 where CUDA is present and the recipe asks
-    for it), so the loaded model answers exactly as the evaluation that promoted it measured.
+    The base is loaded as evaluation loads it on `device` (4-bit NF4 on cuda when the recipe asks
+    for it), so on the device the promoting evaluation ran on, it answers exactly as measured.
     """
     from peft import PeftModel
 
     adapter, number = download_registered_adapter(name_or_uri, alias, version, settings)
     base, revision, recipe = _base_of(adapter, base_model)
     tokenizer = _tokenizer_of(adapter, base, revision)
-    model = PeftModel.from_pretrained(load_base_model(base, recipe, revision), str(adapter.path))
+    model = PeftModel.from_pretrained(load_base_model(base, recipe, device, revision), str(adapter.path))
     model.eval()
     name = parse_model_uri(name_or_uri, alias, version)[0]
     return LoadedAdapter(model=model, tokenizer=tokenizer, name=name, version=number, base_model=base)
 
 
-def merge_adapter(adapter: LoraAdapter, base_model: str | None = None, dtype: torch.dtype = torch.bfloat16) -> tuple[Any, Any]:
+def merge_adapter(
+    adapter: LoraAdapter, device: Device, base_model: str | None = None, dtype: torch.dtype = torch.bfloat16
+) -> tuple[Any, Any]:
     """The base with the LoRA update folded into its weights, in `dtype`, and the tokenizer.
 
-    A QLoRA adapter was trained against the 4-bit base, so where the base loads in 4-bit it is
-    dequantised first: the merged weights are then the ones training saw, not the original
-    bf16 checkpoint plus an update fitted to a different set of weights. The merge itself runs
-    in the loaded precision and the result is cast to `dtype` last.
+    A QLoRA adapter was trained against the 4-bit base, so where the base loads in 4-bit (on
+    `device` cuda) it is dequantised first: the merged weights are then the ones training saw,
+    not the original bf16 checkpoint plus an update fitted to a different set of weights. The
+    merge itself runs in the loaded precision and the result is cast to `dtype` last.
     """
     from peft import PeftModel
 
     base, revision, recipe = _base_of(adapter, base_model)
-    model = load_base_model(base, recipe, revision)
+    model = load_base_model(base, recipe, device, revision)
     if getattr(model, "is_loaded_in_4bit", False):
         model = model.dequantize()
     merged = PeftModel.from_pretrained(model, str(adapter.path)).merge_and_unload()
@@ -145,7 +149,12 @@ def merge_adapter(adapter: LoraAdapter, base_model: str | None = None, dtype: to
 
 
 def export_merged(
-    adapter: LoraAdapter, out_dir: Path, base_model: str | None = None, dtype: str = "bfloat16", source: str = ""
+    adapter: LoraAdapter,
+    out_dir: Path,
+    device: Device,
+    base_model: str | None = None,
+    dtype: str = "bfloat16",
+    source: str = "",
 ) -> Path:
     """Write the merged model (safetensors), its tokenizer and provenance to `out_dir`."""
     if dtype not in DTYPES:
@@ -153,7 +162,7 @@ def export_merged(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise TracesftError(f"{out_dir}: the export directory exists and is not empty; give a new one.")
-    model, tokenizer = merge_adapter(adapter, base_model, DTYPES[dtype])
+    model, tokenizer = merge_adapter(adapter, device, base_model, DTYPES[dtype])
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -170,14 +179,19 @@ def export_merged(
 
 
 def export_registered_merged(
-    settings: RegistrySettings, version_or_alias: str, out_dir: Path, base_model: str | None = None, dtype: str = "bfloat16"
+    settings: RegistrySettings,
+    version_or_alias: str,
+    out_dir: Path,
+    device: Device,
+    base_model: str | None = None,
+    dtype: str = "bfloat16",
 ) -> Path:
     """`tracesft adapters export`: a registered version (a number or an alias) merged into `out_dir`."""
     is_number = version_or_alias.isdigit()
     alias, version = (None, version_or_alias) if is_number else (version_or_alias, None)
     with tempfile.TemporaryDirectory(prefix="tracesft-export-") as scratch:
         adapter, number = download_registered_adapter(settings.model_name, alias, version, settings, Path(scratch))
-        return export_merged(adapter, out_dir, base_model, dtype, source=f"models:/{settings.model_name}/{number}")
+        return export_merged(adapter, out_dir, device, base_model, dtype, source=f"models:/{settings.model_name}/{number}")
 
 
 def _base_of(adapter: LoraAdapter, override: str | None) -> tuple[str, str | None, TrainingRecipe]:

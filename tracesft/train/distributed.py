@@ -16,8 +16,8 @@ Two strategies, both QLoRA with the same recipe:
   transformers' Trainer wraps the LoRA layers separately and sets FSDP's mixed precision to the
   storage dtype. Parameters, gradients and optimizer state are sharded across ranks.
 
-On a machine without CUDA the same launch runs on the CPU with the gloo backend (`--cpu`), which
-is how the tests check that 1 and 2 processes train the same way.
+With `device` cpu the same launch runs on the CPU with the gloo backend, which is how the tests
+check that 1 and 2 processes train the same way.
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from tracesft.train.adapter import LoraAdapter
-from tracesft.config import DistributedSettings, TrainingRecipe
+from tracesft.config import Device, DistributedSettings, TrainingRecipe
 from tracesft.errors import TracesftError
-from tracesft.train.modeling import uses_cuda
 from tracesft.data.sft_dataset import SFTDataset
 from tracesft.train.training import TrainingSummary, train_lora
 
@@ -67,6 +66,7 @@ def train(
     dataset: SFTDataset,
     base_model: str,
     recipe: TrainingRecipe,
+    device: Device,
     output_dir: Path,
     revision: str | None = None,
     callbacks: list[Any] | None = None,
@@ -77,30 +77,32 @@ def train(
     (see `tracesft.train.distributed_worker`).
     """
     if recipe.distributed.num_processes == 1:
-        return train_lora(dataset, base_model, recipe, output_dir, revision, callbacks=callbacks)
-    return train_lora_distributed(dataset, base_model, recipe, output_dir, revision)
+        return train_lora(dataset, base_model, recipe, device, output_dir, revision, callbacks=callbacks)
+    return train_lora_distributed(dataset, base_model, recipe, device, output_dir, revision)
 
 
 def train_lora_distributed(
     dataset: SFTDataset,
     base_model: str,
     recipe: TrainingRecipe,
+    device: Device,
     output_dir: Path,
     revision: str | None = None,
 ) -> tuple[LoraAdapter, TrainingSummary]:
     """Launch one `train_lora` per process with `accelerate launch`; return rank 0's results."""
-    check_devices(recipe.distributed)
+    check_devices(recipe.distributed, device)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / DATASET_FILE).write_text(dataset.model_dump_json(), encoding="utf-8")
     (output_dir / RECIPE_FILE).write_text(recipe.model_dump_json(), encoding="utf-8")
-    use_cpu = not uses_cuda()
+    use_cpu = device == "cpu"
     command = launch_command(recipe.distributed, use_cpu) + [
         "-m",
         "tracesft.train.distributed_worker",
         "--dataset", str(output_dir / DATASET_FILE),
         "--recipe", str(output_dir / RECIPE_FILE),
         "--base-model", base_model,
+        "--device", device,
         "--out", str(output_dir),
     ] + (["--revision", revision] if revision else [])
     log_path = output_dir / WORKER_LOG_FILE
@@ -117,17 +119,17 @@ def train_lora_distributed(
     return LoraAdapter(output_dir / "adapter"), summary
 
 
-def check_devices(settings: DistributedSettings) -> None:
-    """Refuse, before launching anything, a run this machine cannot host."""
+def check_devices(settings: DistributedSettings, device: Device) -> None:
+    """Refuse, before launching anything, a run this machine (or the configured device) cannot host."""
     import torch
 
     where = "parameters.training.distributed"
-    if settings.strategy == "fsdp_qlora" and not uses_cuda():
+    if settings.strategy == "fsdp_qlora" and device == "cpu":
         raise TracesftError(
-            f"{where}.strategy: fsdp_qlora needs CUDA GPUs (FSDP shards across accelerator devices) and none is "
-            "visible. On a CPU use strategy ddp, or set num_processes to 1."
+            f"{where}.strategy: fsdp_qlora needs device cuda (FSDP-QLoRA shards 4-bit weights across GPUs), "
+            "but parameters.device is cpu. On a CPU use strategy ddp, or set num_processes to 1."
         )
-    if uses_cuda() and settings.num_processes > torch.cuda.device_count():
+    if device == "cuda" and settings.num_processes > torch.cuda.device_count():
         raise TracesftError(
             f"{where}.num_processes: {settings.num_processes} processes need as many GPUs, but this machine shows "
             f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). "
@@ -143,7 +145,7 @@ def launch_command(settings: DistributedSettings, use_cpu: bool) -> list[str]:
         "--num_machines", "1",
         "--main_process_port", str(settings.main_process_port or free_port()),
         "--dynamo_backend", "no",
-        # Trainer's `bf16=True` (set whenever CUDA is present) decides the precision, not the launcher.
+        # Trainer's `bf16=True` (set for device cuda) decides the precision, not the launcher.
         "--mixed_precision", "no",
     ]
     if use_cpu:

@@ -1,9 +1,10 @@
 """Loading the base model and its tokenizer, the same way for training and evaluation.
 
 `base_model` is a hub id or a local directory; both go through `from_pretrained`, so the demo's
-locally built tiny model exercises the production loading code. Whenever CUDA is present and the
-recipe asks for it, the base is loaded in 4-bit NF4 through bitsandbytes (QLoRA); on a CPU the
-same code path loads it unquantised, since bitsandbytes' 4-bit kernels need a GPU.
+locally built tiny model exercises the production loading code. With the run's `device` cuda and
+`use_4bit` on, the base is loaded in 4-bit NF4 through bitsandbytes (QLoRA) with bf16 compute;
+with `device` cpu the same code path loads it unquantised in fp32, since bitsandbytes' 4-bit
+kernels need a GPU.
 
 Quantising a 32B base from its bf16 shards costs minutes on every run; with
 `quantized_base_cache` set, the 4-bit base is saved there once (safetensors, with its
@@ -20,18 +21,15 @@ from typing import Any
 
 import torch
 
-from tracesft.config import TrainingRecipe
+from tracesft.config import Device, TrainingRecipe
+from tracesft.device import require_device
 from tracesft.errors import TracesftError
 
 logger = logging.getLogger(__name__)
 
 
-def uses_cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def quantization_config(recipe: TrainingRecipe) -> Any | None:
-    if not (recipe.use_4bit and uses_cuda()):
+def quantization_config(recipe: TrainingRecipe, device: Device) -> Any | None:
+    if not (recipe.use_4bit and device == "cuda"):
         return None
     from transformers import BitsAndBytesConfig
 
@@ -58,24 +56,31 @@ def load_tokenizer(base_model: str, revision: str | None = None) -> Any:
 
 
 def load_base_model(
-    base_model: str, recipe: TrainingRecipe, revision: str | None = None, attn_implementation: str | None = None
+    base_model: str,
+    recipe: TrainingRecipe,
+    device: Device,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
 ) -> Any:
-    quantization = quantization_config(recipe)
-    cached = quantized_base_path(base_model, recipe, revision)
+    require_device(device)  # callers check earlier, with the config's name; this guards direct use
+    quantization = quantization_config(recipe, device)
+    cached = quantized_base_path(base_model, recipe, device, revision)
     if cached is not None and (cached / "config.json").exists():
         logger.info("Loading the 4-bit base from its cache %s.", cached)
         # The saved config records the quantisation too; passing it again makes sure the
         # bitsandbytes loader takes the packed 4-bit tensors as they are.
-        return _from_pretrained(str(cached), None, quantization, attn_implementation)
-    model = _from_pretrained(base_model, revision, quantization, attn_implementation)
+        return _from_pretrained(str(cached), None, quantization, device, attn_implementation)
+    model = _from_pretrained(base_model, revision, quantization, device, attn_implementation)
     if cached is not None:
         save_quantized_base(model, cached)
     return model
 
 
-def quantized_base_path(base_model: str, recipe: TrainingRecipe, revision: str | None = None) -> Path | None:
+def quantized_base_path(
+    base_model: str, recipe: TrainingRecipe, device: Device, revision: str | None = None
+) -> Path | None:
     """Where the 4-bit base of `base_model` is cached: one directory per model, revision and quantisation."""
-    quantization = quantization_config(recipe)
+    quantization = quantization_config(recipe, device)
     if recipe.quantized_base_cache is None or quantization is None:
         return None
     key = json.dumps([base_model, revision, quantization.to_dict()], sort_keys=True, default=str)
@@ -91,7 +96,9 @@ def save_quantized_base(model: Any, path: Path) -> None:
     logger.info("Saved the 4-bit base to %s.", path)
 
 
-def _from_pretrained(source: str, revision: str | None, quantization: Any, attn_implementation: str | None) -> Any:
+def _from_pretrained(
+    source: str, revision: str | None, quantization: Any, device: Device, attn_implementation: str | None
+) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
@@ -100,9 +107,9 @@ def _from_pretrained(source: str, revision: str | None, quantization: Any, attn_
             revision=revision,
             trust_remote_code=False,
             **({"quantization_config": quantization} if quantization is not None else {}),
-            dtype=torch.bfloat16 if uses_cuda() else torch.float32,
+            dtype=torch.bfloat16 if device == "cuda" else torch.float32,
             # Each rank of a multi-GPU run has set its own GPU as the current device.
-            device_map={"": torch.cuda.current_device()} if uses_cuda() else None,
+            device_map={"": torch.cuda.current_device()} if device == "cuda" else None,
             **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
     except (OSError, ValueError) as err:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tracesft.config import RegistrySettings
+from tracesft.config import Device, RegistrySettings
 
 STATE_DIR = Path(".tracesft")
 _SQLITE = "sqlite:///"
@@ -58,12 +58,12 @@ def use_tracking(settings: RegistrySettings) -> str:
     return mlflow.create_experiment(settings.experiment_name, artifact_location=artifact_location)
 
 
-def mlflow_logging_callback() -> Any:
+def mlflow_logging_callback(device: Device) -> Any:
     """A `TrainerCallback` that sends training to the active MLflow run.
 
     At each logging step: the Trainer's own values (loss, learning rate, gradient norm, and the
     validation loss whenever it evaluates), plus real (non-padding) tokens/s and samples/s over the
-    interval and, on CUDA, GPU memory allocated and peak. At the end, a loss-curve PNG.
+    interval and, with `device` cuda, GPU memory allocated and peak. At the end, a loss-curve PNG.
     """
     import time
 
@@ -87,7 +87,7 @@ def mlflow_logging_callback() -> Any:
                 numeric["tokens_per_s"] = (tokens - last_tokens) / (now - last_time)
                 numeric["samples_per_s"] = rows * self._examples_per_row / (now - last_time)
                 self._last = (now, tokens, step)
-            if torch.cuda.is_available():
+            if device == "cuda":
                 numeric["gpu_memory_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
                 numeric["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             mlflow.log_metrics(numeric, step=state.global_step)

@@ -7,11 +7,11 @@ distill's does, would double it). The completion is the `<think>` reasoning, the
 EOS; TRL turns the mask into labels, so the loss covers the completion only.
 
 Fast by default: examples are packed into long rows with attention kept inside each example
-(`tracesft.train.packing`), and on CUDA Liger's kernels replace RMSNorm, SwiGLU, RoPE and the
-cross-entropy over the 152k vocabulary. `packing: false` trains with the seed's batching exactly.
-On CUDA the base is 4-bit NF4 and the optimizer the seed's paged 8-bit AdamW; on a CPU, where
-neither exists, the base stays in float32 and AdamW is used: same code path, same recipe
-otherwise. Checkpoints go to a persistent directory keyed by everything that determines the
+(`tracesft.train.packing`), and with `device` cuda Liger's kernels replace RMSNorm, SwiGLU, RoPE and
+the cross-entropy over the 152k vocabulary. `packing: false` trains with the seed's batching
+exactly. With `device` cuda the base is 4-bit NF4, the precision bf16 and the optimizer the seed's
+paged 8-bit AdamW; with `device` cpu, where none of these exists, the base stays in float32 and
+AdamW is used: same code path, same recipe otherwise. Checkpoints go to a persistent directory keyed by everything that determines the
 result, so a preempted run started again with the same inputs resumes where it stopped.
 """
 
@@ -29,9 +29,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from tracesft.train.adapter import LoraAdapter, save_adapter, write_metadata
-from tracesft.config import TrainingRecipe
+from tracesft.config import Device, TrainingRecipe
 from tracesft.errors import TracesftError
-from tracesft.train.modeling import load_base_model, load_tokenizer, uses_cuda
+from tracesft.train.modeling import load_base_model, load_tokenizer
 from tracesft.train.packing import packed_row_plan, register_varlen_attention
 from tracesft.data.prompting import build_completion, build_prompt
 from tracesft.train.reporting import reporting_callbacks
@@ -74,7 +74,9 @@ def tokenized_rows(records: list[TraceRecord], tokenizer: Any, max_seq_length: i
     return [tokenize_record(tokenizer, record, max_seq_length) for record in records]
 
 
-def checkpoint_directory(recipe: TrainingRecipe, base_model: str, revision: str | None, content_hash: str) -> Path | None:
+def checkpoint_directory(
+    recipe: TrainingRecipe, device: Device, base_model: str, revision: str | None, content_hash: str
+) -> Path | None:
     """This run's directory under the persistent `checkpoint_dir`: the same inputs, the same directory.
 
     The root should outlive the machine (a volume mounted on the training pod), so a preempted
@@ -84,7 +86,7 @@ def checkpoint_directory(recipe: TrainingRecipe, base_model: str, revision: str 
     if recipe.checkpoint_dir is None:
         return None
     determining = recipe.model_dump(exclude={"checkpoint_dir", "save_steps", "quantized_base_cache"})
-    key = json.dumps([determining, base_model, revision, content_hash], sort_keys=True, default=str)
+    key = json.dumps([determining, device, base_model, revision, content_hash], sort_keys=True, default=str)
     return Path(recipe.checkpoint_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -106,6 +108,7 @@ def prepare_training(
     dataset: SFTDataset,
     base_model: str,
     recipe: TrainingRecipe,
+    device: Device,
     output_dir: Path,
     revision: str | None = None,
     callbacks: list[Any] | None = None,
@@ -134,18 +137,19 @@ def prepare_training(
                     "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
                     "max_length": recipe.max_seq_length}
 
-    model = load_base_model(base_model, recipe, revision, attn_implementation=attention)
+    model = load_base_model(base_model, recipe, device, revision, attn_implementation=attention)
     quantized = getattr(model, "is_loaded_in_4bit", False)
-    optimizer = recipe.optim if uses_cuda() else "adamw_torch"
+    on_cuda = device == "cuda"
+    optimizer = recipe.optim if on_cuda else "adamw_torch"
     if optimizer != recipe.optim:
-        logger.info("No CUDA: using %s instead of %s (bitsandbytes optimizers need a GPU).", optimizer, recipe.optim)
-    liger = recipe.liger_kernels and uses_cuda() and importlib.util.find_spec("liger_kernel") is not None
-    if recipe.liger_kernels and uses_cuda() and not liger:
+        logger.info("device cpu: using %s instead of %s (bitsandbytes optimizers need a GPU).", optimizer, recipe.optim)
+    liger = recipe.liger_kernels and on_cuda and importlib.util.find_spec("liger_kernel") is not None
+    if recipe.liger_kernels and on_cuda and not liger:
         logger.warning("liger_kernels is on but liger-kernel is not installed: training without it.")
 
     train = Dataset.from_list(train_rows)
     validation = Dataset.from_list(validation_rows) if validation_rows else None
-    checkpoints = (checkpoint_dir or checkpoint_directory(recipe, base_model, revision, dataset.content_hash)
+    checkpoints = (checkpoint_dir or checkpoint_directory(recipe, device, base_model, revision, dataset.content_hash)
                    or output_dir / "checkpoints")
     args = SFTConfig(
         output_dir=str(checkpoints),
@@ -162,7 +166,8 @@ def prepare_training(
         save_strategy="steps",
         save_steps=recipe.save_steps,
         save_total_limit=2,
-        bf16=uses_cuda(),
+        bf16=on_cuda,
+        use_cpu=not on_cuda,  # otherwise Trainer moves a cpu run onto any GPU it sees
         use_liger_kernel=liger,
         completion_only_loss=True,
         include_num_input_tokens_seen="non_padding",
@@ -202,6 +207,7 @@ def train_lora(
     dataset: SFTDataset,
     base_model: str,
     recipe: TrainingRecipe,
+    device: Device,
     output_dir: Path,
     revision: str | None = None,
     callbacks: list[Any] | None = None,
@@ -211,7 +217,7 @@ def train_lora(
     `use_lora: false`, the whole model) under `output_dir / "adapter"`."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    prepared = prepare_training(dataset, base_model, recipe, output_dir, revision, callbacks, checkpoint_dir)
+    prepared = prepare_training(dataset, base_model, recipe, device, output_dir, revision, callbacks, checkpoint_dir)
     trainer, tokenizer, checkpoints = prepared.trainer, prepared.tokenizer, prepared.checkpoints
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume:
@@ -243,6 +249,7 @@ def train_lora(
             "base_model_revision": revision,
             "traces_content_hash": dataset.content_hash,
             "recipe": recipe.model_dump(),
+            "device": device,
             "training": summary.model_dump(),
         },
     )
