@@ -5,8 +5,8 @@ launched with the very `accelerate launch` command the training step uses
 (`tracesft.train.distributed.launch_command`), and reports tokens/s, scaling (2 GPUs / 1 GPU, same
 strategy) and whether the loss curves agree. Weights are random (speed and memory do not depend
 on their values; no hub is needed): the model is built on the meta device and each linear layer
-quantised to NF4 on its GPU, as in `../shared/reference/qlora_32b_probe.py`, with the 4-bit data
-stored in bf16 for FSDP. The rest is the seed recipe as the Trainer runs it: LoRA r16/a32 on all
+quantised to NF4 on its GPU, with the 4-bit data stored in bf16 for FSDP. The rest is the seed
+recipe as the Trainer runs it: LoRA r16/a32 on all
 seven projections, gradient checkpointing (non-reentrant), bf16 autocast, paged 8-bit AdamW,
 batch 1 per device, DDP with `find_unused_parameters` (what the Trainer picks for a PEFT model),
 FSDP1 with PEFT's wrap policy and bf16 mixed precision (what the Trainer sets for FSDP-QLoRA).

@@ -16,8 +16,8 @@ AdamW, and take an optimizer step every 8 examples (the seed's batch 1 x accumul
   Trainer applies (with every weight already bf16, its casts are no-ops).
 
 The weights are random (speed and memory do not depend on their values): the model is built on
-the meta device and quantised layer by layer on the GPU in seconds (as in
-`../shared/reference/qlora_32b_probe.py`). Workloads: (a) lengths drawn log-normally, median
+the meta device and quantised layer by layer on the GPU in seconds.
+Workloads: (a) lengths drawn log-normally, median
 1,200 tokens, sigma 0.5, clipped to [256, 4096], fixed seed; (b) every example 4,096 tokens.
 Reported: real tokens/s (every token is a real one: neither path pads), peak GiB, the ratios, and
 the loss of both paths on the same examples before any update (LoRA B starts at zero, so both see

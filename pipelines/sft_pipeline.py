@@ -1,4 +1,4 @@
-"""The tracesft pipeline: verified GPT traces in, a promoted LoRA adapter out (DESIGN.md §2).
+"""The tracesft pipeline: verified GPT traces in, a promoted LoRA adapter out (docs/architecture.md).
 
 Its parameters are the fields of `tracesft.config.RunConfig`, so a run configuration's
 `parameters:` section configures it whether it is started by `zenml pipeline run` or by

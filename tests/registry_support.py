@@ -1,6 +1,6 @@
 """Shared by the registry tests: a real `mlflow server` and real (tiny) LoRA adapters.
 
-The server runs as DESIGN.md §5 says: sqlite backend, 127.0.0.1, a free port, one worker, job
+The server runs as docs/architecture.md describes a local one: sqlite backend, 127.0.0.1, a free port, one worker, job
 execution off, artifacts proxied by the server (`mlflow-artifacts:/`), so uploads and downloads
 go over HTTP just as against a team's tracking server.
 """

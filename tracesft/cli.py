@@ -1,4 +1,4 @@
-"""`tracesft`: the command line of the pipeline and its registry (DESIGN.md §4).
+"""`tracesft`: the command line of the pipeline and its registry (docs/architecture.md).
 
 Every command without `--config` uses the embedded default configuration, the one `make demo`
 runs, so they all see the same registry. A `TracesftError` (bad input) is printed as one clear

@@ -2,7 +2,7 @@
 
 The file format is ZenML's run configuration (`parameters:` holds these fields), so the very same
 YAML drives `zenml pipeline run ... -c FILE`, `tracesft run --config FILE` and the `tracesft`
-commands that need to find the registry. Defaults are the seed recipe (DESIGN.md §1); the embedded
+commands that need to find the registry. Defaults are the seed recipe (docs/architecture.md); the embedded
 default (`tracesft/configs/demo.yaml`) overrides only what a CPU and a tiny model need.
 """
 

@@ -1,6 +1,6 @@
 """The demo's workspace under `.tracesft/`: what the embedded configuration points at.
 
-Everything is made locally and reproducibly (no hub, no `../shared`): the tiny model is built
+Everything is made locally and reproducibly (no hub, nothing outside the repository): the tiny model is built
 from the bundled problems, the sample traces and eval set are copied from the package. Existing
 files are left alone, so a user can edit or add trace files and watch the pipeline rerun.
 """
