@@ -5,6 +5,8 @@ evaluation resumes from its cache, and the comparison reaches the report page, M
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,6 +156,19 @@ def test_compare_models_and_its_report(tmp_path: Path) -> None:
 
     with pytest.raises(TracesftError, match="not on the same problems"):
         compare_models(base, _report("fine-tuned", ["no"] * 19), EvalSettings())
+
+
+def test_figures_render_without_pyplot_or_a_process_wide_backend() -> None:
+    """The plots are bare matplotlib Figures: drawing them chooses no backend for the process."""
+    code = (
+        "import sys\n"
+        "from tracesft.evaluate.eval_report import figure_png\n"
+        "from tracesft.train.tracking import loss_curve\n"
+        "png = figure_png(loss_curve([{'step': 1, 'loss': 2.0}, {'step': 2, 'loss': 1.0, 'eval_loss': 1.5}]))\n"
+        "assert png.startswith(bytes([0x89]) + b'PNG'), png[:8]\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_evaluation_is_logged_into_the_training_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ import pandas as pd
 from tracesft.train.adapter import LoraAdapter
 from tracesft.evaluate.comparison import ModelComparison
 from tracesft.config import RegistrySettings
-from tracesft.evaluate.eval_report import evaluation_figure, plt, render_evaluation_html  # selects the Agg backend
+from tracesft.evaluate.eval_report import evaluation_figure, render_evaluation_html
 from tracesft.evaluate.evaluation import EvalReport, Prediction
 from tracesft.evaluate.metrics import ScoreReport
 from tracesft.train.tracking import use_tracking
@@ -64,9 +64,7 @@ def log_comparison_to_mlflow(base: EvalReport, tuned: EvalReport, comparison: Mo
     mlflow.log_metrics(comparison.metrics())
     mlflow.log_dict(comparison.model_dump(), f"{ARTIFACT_DIR}/comparison.json")
     mlflow.log_text(render_evaluation_html(base, tuned, comparison), f"{ARTIFACT_DIR}/report.html")
-    figure = evaluation_figure(base, tuned)
-    mlflow.log_figure(figure, f"{ARTIFACT_DIR}/f1_by_template.png")
-    plt.close(figure)
+    mlflow.log_figure(evaluation_figure(base, tuned), f"{ARTIFACT_DIR}/f1_by_template.png")
 
 
 def log_evaluation_run(

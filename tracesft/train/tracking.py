@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tracesft.config import Device, RegistrySettings
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 STATE_DIR = Path(".tracesft")
 _SQLITE = "sqlite:///"
@@ -107,14 +110,16 @@ def _examples_per_row(dataloader: Any) -> float:
     return sum(len(lengths) for lengths in dataset["seq_lengths"]) / max(len(dataset), 1)
 
 
-def loss_curve(log_history: list[dict[str, Any]]) -> Any:
-    """Training and validation loss against the optimizer step, as a matplotlib figure."""
-    import matplotlib
+def loss_curve(log_history: list[dict[str, Any]]) -> Figure:
+    """Training and validation loss against the optimizer step, as a matplotlib figure.
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    A bare `Figure` rather than a pyplot one: it renders to PNG without a display, so no backend
+    is chosen for the whole process, and nothing needs closing.
+    """
+    from matplotlib.figure import Figure
 
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure = Figure(figsize=(7, 4))
+    axes = figure.subplots()
     for key, label in (("loss", "train"), ("eval_loss", "validation")):
         points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
         if points:
@@ -124,5 +129,4 @@ def loss_curve(log_history: list[dict[str, Any]]) -> Any:
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    plt.close(figure)
     return figure
