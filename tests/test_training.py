@@ -243,22 +243,26 @@ def test_metrics_and_loss_curve_reach_mlflow(model_dir, records, tmp_path, monke
     from mlflow.artifacts import download_artifacts
 
     from tracesft.config import RegistrySettings
-    from tracesft.train.tracking import mlflow_logging_callback, use_tracking
+    from tracesft.train.tracking import mlflow_logging_callback, mlflow_tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = use_tracking(RegistrySettings(experiment_name="training-test"))
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     recipe = TrainingRecipe(**FAST | {"eval_steps": 2, "per_device_train_batch_size": 2})
-    with mlflow.start_run(experiment_id=experiment) as run:
+    with (
+        mlflow_tracking(RegistrySettings(experiment_name="training-test")) as experiment,
+        mlflow.start_run(experiment_id=experiment) as run,
+    ):
         train_lora(dataset(records[:6], records[6:8]), str(model_dir), recipe, "cpu", tmp_path / "run",
                    callbacks=[mlflow_logging_callback("cpu")])
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri)
     metrics = client.get_run(run.info.run_id).data.metrics
     for name in ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "samples_per_s"):
         assert name in metrics, name
     history = client.get_metric_history(run.info.run_id, "tokens_per_s")
     assert len(history) >= 2 and all(m.value > 0 for m in history)
     assert len(client.get_metric_history(run.info.run_id, "eval_loss")) >= 1
-    png = Path(download_artifacts(run_id=run.info.run_id, artifact_path="loss_curve.png", dst_path=str(tmp_path)))
+    png = Path(download_artifacts(run_id=run.info.run_id, artifact_path="loss_curve.png", dst_path=str(tmp_path),
+                                  tracking_uri=tracking_uri))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
