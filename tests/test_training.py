@@ -27,7 +27,7 @@ from tracesft.data.prompting import THINK_CLOSE, build_completion, build_prompt
 from tracesft.data.sample_data import DATA, tokenizer_corpus
 from tracesft.data.sft_dataset import SFTDataset
 from tracesft.train.tiny_model import ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, USER_TOKEN, build_tiny_model
-from tracesft.train.training import prepare_training, tokenize_record, train_lora
+from tracesft.train.training import prepare_training, tokenize_record, train_lora, use_one_gpu
 from tracesft.data.verify import verify
 
 # The real R1-distill template's two traps: it writes the BOS itself (and its tokenizer adds one
@@ -146,6 +146,18 @@ def test_too_long_example_is_a_clear_error(model_dir, records) -> None:
 
     with pytest.raises(TracesftError, match=r"field `trace`.*max_seq_length 50"):
         tokenize_record(load_tokenizer(str(model_dir)), records[0], 50)
+
+
+def test_a_one_process_run_on_several_gpus_trains_on_one(tmp_path, monkeypatch) -> None:
+    """With 4 GPUs visible and no launcher, Trainer would wrap the model in nn.DataParallel."""
+    from transformers.training_args import ParallelMode
+    from trl import SFTConfig
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    args = SFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False)
+    assert args.n_gpu == 4 and args.parallel_mode == ParallelMode.NOT_DISTRIBUTED  # nn.DataParallel
+    use_one_gpu(args)
+    assert args.n_gpu == 1 and args.parallel_mode == ParallelMode.NOT_PARALLEL
 
 
 # --- packing --------------------------------------------------------------------------------------
