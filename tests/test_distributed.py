@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from tracesft.config import DistributedSettings, RegistrySettings, TrainingRecipe, load_run_config
-from tracesft.train.distributed import FSDP_QLORA_FLAGS, check_devices, launch_command, read_log_history, train
+from tracesft.train.distributed import FSDP_QLORA_FLAGS, LOG_HISTORY_FILE, check_devices, launch_command, train
 from tracesft.errors import TracesftError
 from tracesft.data.ingest import ingest
 from tracesft.data.sample_data import DATA, tokenizer_corpus
@@ -73,7 +73,8 @@ def test_two_processes_follow_the_one_process_loss_curve(model_and_dataset, tmp_
         mlflow.start_run(experiment_id=experiment_id) as run,
     ):
         double, double_summary = train(dataset, model_dir, recipe(2), "cpu", tmp_path / "two")
-    two_process_losses = [entry["loss"] for entry in read_log_history(tmp_path / "two") if "loss" in entry]
+    rank_zero_log = json.loads((tmp_path / "two" / LOG_HISTORY_FILE).read_text())
+    two_process_losses = [entry["loss"] for entry in rank_zero_log if "loss" in entry]
 
     assert double_summary.global_steps == single_summary.global_steps >= 3
     assert two_process_losses == pytest.approx(one_process_losses, rel=1e-3), (one_process_losses, two_process_losses)
