@@ -10,7 +10,7 @@ from tracesft.config import Device, RegistrySettings, TrainingRecipe
 from tracesft.device import require_device
 from tracesft.train.distributed import train
 from tracesft.data.sft_dataset import SFTDataset
-from tracesft.train.tracking import mlflow_logging_callback, use_tracking
+from tracesft.train.tracking import mlflow_logging_callback, mlflow_tracking
 
 from steps.run_context import zenml_run_tags
 
@@ -26,9 +26,11 @@ def train_adapter(
 ) -> Annotated[LoraAdapter, "lora_adapter"]:
     """QLoRA fine-tuning, tracked as an MLflow run that registration later adds scores to."""
     require_device(device)
-    experiment_id = use_tracking(registry)
     tags = zenml_run_tags()
-    with mlflow.start_run(run_name=tags["zenml_run_name"], experiment_id=experiment_id, tags=tags) as run:
+    with (
+        mlflow_tracking(registry) as experiment_id,
+        mlflow.start_run(run_name=tags["zenml_run_name"], experiment_id=experiment_id, tags=tags) as run,
+    ):
         mlflow.log_params(
             {f"recipe.{k}": v for k, v in recipe.model_dump().items()} | {"base_model": base_model, "device": device}
         )

@@ -71,6 +71,9 @@ class MlflowServer:
         self.stop()
         raise RuntimeError(f"mlflow server did not answer /health within {timeout_s} s; see {self.root / 'server.log'}")
 
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def kill(self) -> None:
         """A crash: SIGKILL to the whole process group, no chance to clean up."""
         self._signal(signal.SIGKILL)

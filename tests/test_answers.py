@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from tracesft.data.answers import answer_to_label, extract_answer, label_to_answer
+from tracesft.data.answers import answer_to_label, extract_answer
 
 GPT4_NO = """Let's analyze the causal structure implied by the premise.
 
@@ -153,19 +153,7 @@ def test_answer_to_label(answer: str, label: int | None) -> None:
     assert answer_to_label(answer) == label
 
 
-@pytest.mark.parametrize(("label", "answer"), [(1, "yes"), (0, "no")])
-def test_label_to_answer_round_trips(label: int, answer: str) -> None:
-    assert label_to_answer(label) == answer
-    assert answer_to_label(label_to_answer(label)) == label
-
-
 @pytest.mark.parametrize("bad", ["maybe", "Yes", ""])
 def test_answer_to_label_rejects_non_answers(bad: str) -> None:
     with pytest.raises(ValueError):
         answer_to_label(bad)
-
-
-@pytest.mark.parametrize("bad", [2, -1])
-def test_label_to_answer_rejects_non_labels(bad: int) -> None:
-    with pytest.raises(ValueError):
-        label_to_answer(bad)

@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from tracesft.config import DistributedSettings, RegistrySettings, TrainingRecipe, load_run_config
-from tracesft.train.distributed import FSDP_QLORA_FLAGS, check_devices, launch_command, read_log_history, train
+from tracesft.train.distributed import FSDP_QLORA_FLAGS, LOG_HISTORY_FILE, check_devices, launch_command, train
 from tracesft.errors import TracesftError
 from tracesft.data.ingest import ingest
 from tracesft.data.sample_data import DATA, tokenizer_corpus
 from tracesft.data.sft_dataset import build_sft_dataset
 from tracesft.train.tiny_model import build_tiny_model
-from tracesft.train.tracking import use_tracking
+from tracesft.train.tracking import mlflow_tracking
 from tracesft.data.verify import verify
 
 GLOBAL_BATCH = 4
@@ -66,11 +66,15 @@ def test_two_processes_follow_the_one_process_loss_curve(model_and_dataset, tmp_
     # One process: trains in this process, so the in-process callback sees every log line.
     single, single_summary = train(dataset, model_dir, recipe(1), "cpu", tmp_path / "one", callbacks=[LossRecorder()])
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    experiment_id = use_tracking(RegistrySettings(experiment_name="distributed-test"))
-    with mlflow.start_run(experiment_id=experiment_id) as run:
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    with (
+        mlflow_tracking(RegistrySettings(experiment_name="distributed-test")) as experiment_id,
+        mlflow.start_run(experiment_id=experiment_id) as run,
+    ):
         double, double_summary = train(dataset, model_dir, recipe(2), "cpu", tmp_path / "two")
-    two_process_losses = [entry["loss"] for entry in read_log_history(tmp_path / "two") if "loss" in entry]
+    rank_zero_log = json.loads((tmp_path / "two" / LOG_HISTORY_FILE).read_text())
+    two_process_losses = [entry["loss"] for entry in rank_zero_log if "loss" in entry]
 
     assert double_summary.global_steps == single_summary.global_steps >= 3
     assert two_process_losses == pytest.approx(one_process_losses, rel=1e-3), (one_process_losses, two_process_losses)
@@ -83,7 +87,7 @@ def test_two_processes_follow_the_one_process_loss_curve(model_and_dataset, tmp_
         torch.testing.assert_close(double_weights[name], weight, atol=1e-4, rtol=1e-3)
     assert double.metadata["recipe"]["distributed"]["num_processes"] == 2
     # Rank 0 wrote into the step's MLflow run; rank 1 kept to its own folder.
-    logged = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    logged = mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "loss")
     assert [m.value for m in sorted(logged, key=lambda m: m.step)] == pytest.approx(two_process_losses)
     assert (tmp_path / "two" / "rank-1" / "adapter").is_dir()
 

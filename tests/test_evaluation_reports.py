@@ -5,6 +5,8 @@ evaluation resumes from its cache, and the comparison reaches the report page, M
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,16 +158,29 @@ def test_compare_models_and_its_report(tmp_path: Path) -> None:
         compare_models(base, _report("fine-tuned", ["no"] * 19), EvalSettings())
 
 
+def test_figures_render_without_pyplot_or_a_process_wide_backend() -> None:
+    """The plots are bare matplotlib Figures: drawing them chooses no backend for the process."""
+    code = (
+        "import sys\n"
+        "from tracesft.evaluate.eval_report import figure_png\n"
+        "from tracesft.train.tracking import loss_curve\n"
+        "png = figure_png(loss_curve([{'step': 1, 'loss': 2.0}, {'step': 2, 'loss': 1.0, 'eval_loss': 1.5}]))\n"
+        "assert png.startswith(bytes([0x89]) + b'PNG'), png[:8]\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_evaluation_is_logged_into_the_training_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
     from mlflow import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    settings = RegistrySettings(experiment_name="eval-test")
-    from tracesft.train.tracking import use_tracking
+    from tracesft.train.tracking import mlflow_tracking
 
-    experiment = use_tracking(settings)
-    with mlflow.start_run(experiment_id=experiment) as training_run:
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    settings = RegistrySettings(experiment_name="eval-test")
+    with mlflow_tracking(settings) as experiment, mlflow.start_run(experiment_id=experiment) as training_run:
         mlflow.log_metric("train_loss", 0.5)
     adapter_dir = tmp_path / "adapter"
     adapter_dir.mkdir()
@@ -175,12 +190,13 @@ def test_evaluation_is_logged_into_the_training_run(tmp_path: Path, monkeypatch:
 
     run_id = log_evaluation_run(adapter, base, tuned, comparison, settings)
     assert run_id == training_run.info.run_id
-    metrics = MlflowClient().get_run(run_id).data.metrics
+    client = MlflowClient(tracking_uri)
+    metrics = client.get_run(run_id).data.metrics
     assert metrics["finetuned_f1"] == pytest.approx(tuned.scores.f1)
     assert metrics["f1_difference_ci_low"] == pytest.approx(comparison.f1_difference.low)
     assert "base_renamed_f1" in metrics and "finetuned_robustness_f1_drop" in metrics
     assert any(name.startswith("finetuned_f1_template_") for name in metrics)
-    artifacts = {a.path for a in MlflowClient().list_artifacts(run_id, ARTIFACT_DIR)}
+    artifacts = {a.path for a in client.list_artifacts(run_id, ARTIFACT_DIR)}
     assert {f"{ARTIFACT_DIR}/report.html", f"{ARTIFACT_DIR}/f1_by_template.png", f"{ARTIFACT_DIR}/comparison.json",
             f"{ARTIFACT_DIR}/base_eval_predictions.json", f"{ARTIFACT_DIR}/finetuned_renamed_predictions.json"} <= artifacts
     table = mlflow.artifacts.load_dict(f"runs:/{run_id}/{ARTIFACT_DIR}/finetuned_eval_predictions.json")

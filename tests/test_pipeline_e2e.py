@@ -1,32 +1,47 @@
 """The whole pipeline on the embedded default, in a throwaway ZenML store and MLflow database,
-started as scheduled retraining starts it: `tracesft retrain --traces DIR --config FILE`.
+started as scheduled retraining starts it: `tracesft retrain --traces DIR --config FILE`, a process
+of its own.
 
-Three runs: the first trains and registers version 1 (alias challenger); the second, with the
-same inputs, is served entirely from the cache and registers nothing; after a new trace file
-lands, ingestion and everything downstream rerun and version 2 is registered. Credentials are
-planted in the environment and in a ZenML secret on the stack throughout; the last test shows
-none of them reached a log, an MLflow parameter, tag or artifact, or either store.
+Three runs, each a module fixture built on the one before: the first trains and registers version 1
+(alias challenger); the second, with the same inputs, is served entirely from the cache and
+registers nothing; after a new trace file lands, ingestion and everything downstream rerun and
+version 2 is registered. Each keeps what it printed and the registry as seen right after it, so
+every test holds whatever other tests ran. Credentials are planted in the environment and in a
+ZenML secret on the stack throughout; the last test shows none of them reached a log, an MLflow
+parameter, tag or artifact, or either store.
 """
 
 import json
-import shutil
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tracesft.config import embedded_config_path
+from tracesft.config import embedded_config_path, load_run_config
+from tracesft.registry.model_registry import list_versions
 from tracesft.workspace import prepare_demo_workspace
 
 pytestmark = pytest.mark.integration
 
+REPO = Path(__file__).resolve().parent.parent
 MODEL_NAME = "corr2cause-e2e-lora"
 PLANTED = {
     "HF_TOKEN": "hf_planted0secret0e2e0token",
     "MLFLOW_TRACKING_PASSWORD": "planted-mlflow-password-e2e",
 }
 ZENML_SECRET_VALUE = "planted-zenml-secret-value-e2e"
-OUTPUTS: list[str] = []  # everything the three runs printed, for the secrets test
+
+
+@dataclass(frozen=True)
+class Run:
+    summary: dict  # what `retrain --json` reported
+    printed: str  # everything the process wrote, stdout and stderr
+    versions: list[dict]  # `list_versions` right after the run
+    model_version: dict  # the run's ZenML model version right after the run: name, id, stage, metadata
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +73,6 @@ def tracking_uri(workspace):
     patch.setenv("MLFLOW_TRACKING_URI", uri)
     for name, value in PLANTED.items():
         patch.setenv(name, value)
-    from zenml.enums import StackComponentType
-
     client = Client()
     secret = client.create_secret("tracesft-e2e-credentials", values={"MLFLOW_TRACKING_TOKEN": ZENML_SECRET_VALUE})
     previous = client.active_stack_model
@@ -73,31 +86,56 @@ def tracking_uri(workspace):
     patch.undo()
 
 
-def _run(config: Path, capfd) -> dict:
-    """`tracesft retrain --traces <the workspace's traces> --config FILE --json`, in-process."""
-    from tracesft.cli import main
-
-    assert main(["retrain", "--traces", str(config.parent / ".tracesft" / "traces"), "--config", str(config), "--json"]) == 0
-    out, err = capfd.readouterr()
-    OUTPUTS.append(out + err)
-    return json.loads(out[out.rindex('{\n  "run"'):])
+@pytest.fixture(scope="module")
+def first_run(workspace, tracking_uri) -> Run:
+    """Run on a fresh workspace, registry and ZenML store."""
+    return _retrain(workspace[1])
 
 
-def _versions(config: Path) -> list[dict]:
-    from tracesft.config import load_run_config
-    from tracesft.registry.model_registry import list_versions
+@pytest.fixture(scope="module")
+def unchanged_run(workspace, first_run) -> Run:
+    """Run again on the inputs of `first_run`."""
+    return _retrain(workspace[1])
 
-    return list_versions(load_run_config(config).registry)
 
-
-def test_first_run_registers_a_challenger_with_lineage(workspace, tracking_uri, capfd):
+@pytest.fixture(scope="module")
+def new_trace_file_run(workspace, unchanged_run) -> Run:
+    """Run again after a new trace file landed beside those of the earlier runs."""
     root, config = workspace
-    summary = _run(config, capfd)
+    jsonl = next((root / ".tracesft" / "traces").glob("*.jsonl"))
+    first = json.loads(jsonl.read_text().splitlines()[0])
+    # A second, differently worded trace of a problem already there: it passes verification,
+    # so the training data (and with it the adapter) changes.
+    first["reasoning"] = "Restating the problem before reasoning about it.\n\n" + first["reasoning"]
+    (jsonl.parent / "gpt4o_corr2cause_run3.jsonl").write_text(json.dumps(first) + "\n")
+    return _retrain(config)
+
+
+def _retrain(config: Path) -> Run:
+    """`tracesft retrain --traces <the workspace's traces> --config FILE --json` in a process of its own."""
+    traces = config.parent / ".tracesft" / "traces"
+    command = [str(Path(sys.executable).parent / "tracesft"), "retrain", "--traces", str(traces), "--config", str(config), "--json"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout[done.stdout.rindex('{\n  "run"'):])
+    return Run(summary, done.stdout + done.stderr, list_versions(load_run_config(config).registry), _model_version(summary["run"]))
+
+
+def _model_version(run_name: str) -> dict:
+    from zenml.client import Client
+
+    found = Client().get_pipeline_run(run_name).model_version
+    return {"name": found.model.name, "id": str(found.id), "stage": found.stage, "metadata": found.run_metadata}
+
+
+def test_first_run_registers_a_challenger_with_lineage(workspace, first_run):
+    root, _ = workspace
+    summary = first_run.summary
 
     assert summary["status"] == "completed"
     assert set(summary["steps"].values()) == {"completed"}
     assert summary["new_version"] and summary["registered"]["version"] == "1"
-    [version] = _versions(config)
+    [version] = first_run.versions
     assert version["name"] == MODEL_NAME and "challenger" in version["aliases"]
     tags = version["tags"]
     assert tags["base_model"].endswith("tiny-model")
@@ -112,57 +150,39 @@ def test_first_run_registers_a_challenger_with_lineage(workspace, tracking_uri, 
     assert decision["promoted"] == (decision["finetuned_f1"] > decision["base_f1"])
 
     # The ZenML Model Control Plane tells the same story as the registry.
-    from zenml.client import Client
-
-    model_version = Client().get_pipeline_run(summary["run"]).model_version
-    assert model_version.model.name == MODEL_NAME
-    assert tags["zenml_model_version_id"] == str(model_version.id)
-    assert model_version.stage == ("production" if decision["promoted"] else "staging")
-    metadata = model_version.run_metadata
+    model_version = first_run.model_version
+    assert model_version["name"] == MODEL_NAME
+    assert tags["zenml_model_version_id"] == model_version["id"]
+    assert model_version["stage"] == ("production" if decision["promoted"] else "staging")
+    metadata = model_version["metadata"]
     assert metadata["promotion"]["reason"] == decision["reason"]
     assert metadata["lineage"]["traces_content_hash"] == tags["traces_content_hash"]
     assert metadata["metrics"]["finetuned_f1"] == decision["finetuned_f1"]
 
 
-def test_unchanged_inputs_are_served_from_cache(workspace, tracking_uri, capfd):
-    _, config = workspace
-    summary = _run(config, capfd)
-
-    assert set(summary["steps"].values()) == {"cached"}
-    assert not summary["new_version"]
-    assert [v["version"] for v in _versions(config)] == ["1"]
+def test_unchanged_inputs_are_served_from_cache(unchanged_run):
+    assert set(unchanged_run.summary["steps"].values()) == {"cached"}
+    assert not unchanged_run.summary["new_version"]
+    assert [v["version"] for v in unchanged_run.versions] == ["1"]
 
 
-def test_a_new_trace_file_reruns_from_ingest(workspace, tracking_uri, capfd):
-    root, config = workspace
-    jsonl = next((root / ".tracesft" / "traces").glob("*.jsonl"))
-    first = json.loads(jsonl.read_text().splitlines()[0])
-    # A second, differently worded trace of a problem already there: it passes verification,
-    # so the training data (and with it the adapter) changes.
-    first["reasoning"] = "Restating the problem before reasoning about it.\n\n" + first["reasoning"]
-    (jsonl.parent / "gpt4o_corr2cause_run3.jsonl").write_text(json.dumps(first) + "\n")
-
-    summary = _run(config, capfd)
-
-    assert all(status == "completed" for status in summary["steps"].values())
-    versions = _versions(config)
+def test_a_new_trace_file_reruns_from_ingest(new_trace_file_run):
+    assert all(status == "completed" for status in new_trace_file_run.summary["steps"].values())
+    versions = new_trace_file_run.versions
     assert [v["version"] for v in versions] == ["2", "1"]
     assert "challenger" in versions[0]["aliases"] and "challenger" not in versions[1]["aliases"]
     assert versions[0]["tags"]["traces_content_hash"] != versions[1]["tags"]["traces_content_hash"]
 
 
-def test_planted_secrets_reach_no_log_parameter_artifact_or_store(workspace, tracking_uri):
+def test_planted_secrets_reach_no_log_parameter_artifact_or_store(workspace, tracking_uri, first_run, unchanged_run, new_trace_file_run):
     """After the three runs: no planted value in what they printed, in MLflow's parameters and
     tags, or anywhere on disk under the MLflow database and artifacts or the ZenML store
     (which holds step logs, artifacts and run metadata)."""
-    import os
-
     from mlflow import MlflowClient
 
-    root, config = workspace
+    root, _ = workspace
     secrets = [*PLANTED.values(), ZENML_SECRET_VALUE]
-    assert len(OUTPUTS) == 3, "runs after the three pipeline runs, in this module"
-    printed = "\n".join(OUTPUTS)
+    printed = "\n".join(run.printed for run in (first_run, unchanged_run, new_trace_file_run))
     assert printed and not [s for s in secrets if s in printed]
 
     client = MlflowClient(tracking_uri)

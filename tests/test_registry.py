@@ -26,9 +26,10 @@ from tracesft.registry.model_registry import (
     list_versions,
     promote_if_better,
     register_adapter,
+    registry_client,
 )
 from tracesft.data.sample_data import DATA, TRACE_PROBLEMS_CSV, UNPARSEABLE, bundled_rows
-from tracesft.train.tracking import STATE_DIR, resolve_tracking_uri, use_tracking
+from tracesft.train.tracking import STATE_DIR, mlflow_tracking, resolve_tracking_uri
 
 MODEL = "corr2cause-test-lora"
 CLI_MODEL = load_run_config().registry.model_name  # what every CLI command sees without --config
@@ -229,8 +230,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         step(make_adapter(root, "v1"), metrics(0.60), 1)  # beats the base: champion
         step(make_adapter(root, "v2"), metrics(0.55), 2)  # beats the base, not the champion
         # v3 comes from a training run that already exists, as the train_adapter step leaves it.
-        experiment_id = use_tracking(settings)
-        with mlflow.start_run(experiment_id=experiment_id) as training_run:
+        with mlflow_tracking(settings) as experiment_id, mlflow.start_run(experiment_id=experiment_id) as training_run:
             mlflow.log_metric("train_loss", 0.25)
         step(make_adapter(root, "v3", mlflow_run_id=training_run.info.run_id), metrics(0.70), 3)
 
@@ -325,13 +325,50 @@ def test_list_versions_of_an_unknown_model_is_empty(registry: dict[str, Any]) ->
 def test_a_second_configuration_in_the_same_process_gets_its_own_registry(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    # setenv first, so that monkeypatch restores the variable that mlflow.set_tracking_uri overwrites.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "placeholder")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    set_before = mlflow.tracking.is_tracking_uri_set()
     first = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/first.db", experiment_name="one")
     second = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/second.db", experiment_name="two")
-    use_tracking(first)
-    assert resolve_tracking_uri(second) == f"sqlite:///{tmp_path}/second.db"
+    with mlflow_tracking(first):
+        assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/first.db"
+        assert "MLFLOW_TRACKING_URI" not in os.environ  # MLflow's export is not taken for the user's
+        assert resolve_tracking_uri(second) == f"sqlite:///{tmp_path}/second.db"
+    with mlflow_tracking(second):
+        assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/second.db"
+    assert mlflow.tracking.is_tracking_uri_set() == set_before  # MLflow is left as it was found
+
+
+def test_bounded_http_retries_last_as_long_as_the_registry_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Set while any call runs (calls may overlap, in threads), gone after the last; the user's values win."""
+    retries, backoff, timeout = "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"
+    monkeypatch.delenv(retries, raising=False)
+    monkeypatch.delenv(backoff, raising=False)
+    monkeypatch.setenv(timeout, "7")
+    settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    first, second = registry_client(settings), registry_client(settings)
+    first.__enter__()
+    assert (os.environ[retries], os.environ[backoff], os.environ[timeout]) == ("3", "1", "7")
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first call ends while the second still runs
+    assert os.environ[retries] == "3"
+    second.__exit__(None, None, None)
+    assert retries not in os.environ and backoff not in os.environ and os.environ[timeout] == "7"
+
+
+def test_tracking_leaves_mlflow_following_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """After a block MLflow's own default is the user's again, even when the variable changes later."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/user.db")
+    with mlflow_tracking(RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/ignored.db")):
+        assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/user.db"  # the variable wins
+        with mlflow_tracking(RegistrySettings(experiment_name="nested")):
+            pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/user.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/later.db")
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/later.db"
 
 
 # --- the CLI ---------------------------------------------------------------------------------

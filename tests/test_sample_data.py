@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import random
 from pathlib import Path
 
 import pytest
@@ -13,15 +16,37 @@ from tracesft.data.sample_data import (
     TRACE_FILES,
     TRACE_PROBLEMS_CSV,
     bundled_rows,
-    csv_text,
     sample_trace_files,
-    select_problems,
-    write_sample_traces,
 )
 from tracesft.data.sft_dataset import normalize_query
 
 OFFICIAL_TEST_CSV = Path(__file__).resolve().parents[2] / "shared/data/corr2cause/test.csv"
 BUNDLED_CSVS = (TRACE_PROBLEMS_CSV, EVAL_CSV)
+
+
+def select_problems(test_csv: Path, n_traces: int = 100, n_eval: int = 40, seed: int = 7) -> tuple[list[dict], list[dict]]:
+    """How the bundled problems were drawn from the official split: a seeded sample, a third of
+    it "valid" problems so both classes are seen; the first `n_traces` get traces, the rest is
+    the eval set."""
+    with test_csv.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    rng = random.Random(seed)
+    by_label = {label: [r for r in rows if r["label"] == label] for label in ("0", "1")}
+    for group in by_label.values():
+        rng.shuffle(group)
+    total = n_traces + n_eval
+    positives, negatives = by_label["1"][: total // 3], by_label["0"][: total - total // 3]
+    chosen = positives + negatives
+    rng.shuffle(chosen)
+    return chosen[:n_traces], chosen[n_traces:]
+
+
+def csv_text(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=EVAL_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({c: r[c] for c in EVAL_COLUMNS} for r in rows)
+    return out.getvalue()
 
 
 def bundled_text(*parts: str) -> str:
@@ -39,13 +64,6 @@ def test_sample_trace_files_are_deterministic_and_seeded() -> None:
     problems = bundled_rows(TRACE_PROBLEMS_CSV)
     assert sample_trace_files(problems) == sample_trace_files(problems)
     assert sample_trace_files(problems, seed=12) != sample_trace_files(problems)
-
-
-def test_write_sample_traces_writes_the_bundled_bytes(tmp_path: Path) -> None:
-    written = write_sample_traces(tmp_path / "traces")
-    assert [p.name for p in written] == list(TRACE_FILES)
-    for path in written:
-        assert path.read_bytes() == DATA.joinpath("sample_traces", path.name).read_bytes()
 
 
 def test_trace_problems_and_eval_set_are_disjoint_by_query() -> None:

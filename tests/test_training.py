@@ -27,7 +27,7 @@ from tracesft.data.prompting import THINK_CLOSE, build_completion, build_prompt
 from tracesft.data.sample_data import DATA, tokenizer_corpus
 from tracesft.data.sft_dataset import SFTDataset
 from tracesft.train.tiny_model import ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, USER_TOKEN, build_tiny_model
-from tracesft.train.training import prepare_training, tokenize_record, train_lora
+from tracesft.train.training import prepare_training, tokenize_record, train_lora, use_one_gpu
 from tracesft.data.verify import verify
 
 # The real R1-distill template's two traps: it writes the BOS itself (and its tokenizer adds one
@@ -148,6 +148,18 @@ def test_too_long_example_is_a_clear_error(model_dir, records) -> None:
         tokenize_record(load_tokenizer(str(model_dir)), records[0], 50)
 
 
+def test_a_one_process_run_on_several_gpus_trains_on_one(tmp_path, monkeypatch) -> None:
+    """With 4 GPUs visible and no launcher, Trainer would wrap the model in nn.DataParallel."""
+    from transformers.training_args import ParallelMode
+    from trl import SFTConfig
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    args = SFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False)
+    assert args.n_gpu == 4 and args.parallel_mode == ParallelMode.NOT_DISTRIBUTED  # nn.DataParallel
+    use_one_gpu(args)
+    assert args.n_gpu == 1 and args.parallel_mode == ParallelMode.NOT_PARALLEL
+
+
 # --- packing --------------------------------------------------------------------------------------
 
 def test_row_plan_keeps_tokens_per_step() -> None:
@@ -243,22 +255,26 @@ def test_metrics_and_loss_curve_reach_mlflow(model_dir, records, tmp_path, monke
     from mlflow.artifacts import download_artifacts
 
     from tracesft.config import RegistrySettings
-    from tracesft.train.tracking import mlflow_logging_callback, use_tracking
+    from tracesft.train.tracking import mlflow_logging_callback, mlflow_tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = use_tracking(RegistrySettings(experiment_name="training-test"))
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     recipe = TrainingRecipe(**FAST | {"eval_steps": 2, "per_device_train_batch_size": 2})
-    with mlflow.start_run(experiment_id=experiment) as run:
+    with (
+        mlflow_tracking(RegistrySettings(experiment_name="training-test")) as experiment,
+        mlflow.start_run(experiment_id=experiment) as run,
+    ):
         train_lora(dataset(records[:6], records[6:8]), str(model_dir), recipe, "cpu", tmp_path / "run",
                    callbacks=[mlflow_logging_callback("cpu")])
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri)
     metrics = client.get_run(run.info.run_id).data.metrics
     for name in ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "samples_per_s"):
         assert name in metrics, name
     history = client.get_metric_history(run.info.run_id, "tokens_per_s")
     assert len(history) >= 2 and all(m.value > 0 for m in history)
     assert len(client.get_metric_history(run.info.run_id, "eval_loss")) >= 1
-    png = Path(download_artifacts(run_id=run.info.run_id, artifact_path="loss_curve.png", dst_path=str(tmp_path)))
+    png = Path(download_artifacts(run_id=run.info.run_id, artifact_path="loss_curve.png", dst_path=str(tmp_path),
+                                  tracking_uri=tracking_uri))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

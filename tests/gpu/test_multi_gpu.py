@@ -6,13 +6,15 @@ process) and on 2 GPUs (`accelerate launch`, the worker, `train_lora` with NF4 +
 AdamW); the loss curves must agree within bf16 noise, and rank 0's adapter must load.
 """
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from tracesft.config import DistributedSettings, TrainingRecipe
-from tracesft.train.distributed import read_log_history, train
+from tracesft.train.distributed import LOG_HISTORY_FILE, train
 from tracesft.data.ingest import ingest
 from tracesft.data.sample_data import DATA, tokenizer_corpus
 from tracesft.data.sft_dataset import build_sft_dataset
@@ -45,7 +47,8 @@ def test_two_gpus_follow_the_one_gpu_loss_curve(tmp_path, strategy) -> None:
 
     _, single = train(dataset, str(model_dir), recipe(1), "cuda", tmp_path / "one", callbacks=[LossRecorder()])
     adapter, double = train(dataset, str(model_dir), recipe(2), "cuda", tmp_path / "two")
-    two_gpus = [entry["loss"] for entry in read_log_history(tmp_path / "two") if "loss" in entry]
+    rank_zero_log = json.loads((tmp_path / "two" / LOG_HISTORY_FILE).read_text())
+    two_gpus = [entry["loss"] for entry in rank_zero_log if "loss" in entry]
 
     print(f"\n{strategy} on {torch.cuda.get_device_name()}: 1 GPU {one_gpu}\n2 GPUs {two_gpus}")
     assert double.quantized_4bit and double.optimizer == "paged_adamw_8bit"

@@ -48,7 +48,6 @@ _WORD_TO_ANSWER: dict[str, Answer] = {
     "invalid": "no",
 }
 _ANSWER_TO_LABEL: dict[str, int | None] = {"yes": 1, "no": 0, "none": None}
-_LABEL_TO_ANSWER: dict[int, Answer] = {1: "yes", 0: "no"}
 
 _FLAGS = re.IGNORECASE
 _THINK_OPEN = re.compile(r"<think>", _FLAGS)
@@ -186,11 +185,3 @@ def answer_to_label(answer: Answer) -> int | None:
         return _ANSWER_TO_LABEL[answer]
     except KeyError:
         raise ValueError(f"not an answer: {answer!r}") from None
-
-
-def label_to_answer(label: int) -> Answer:
-    """The inverse of `answer_to_label` for gold labels, which are never "none"."""
-    try:
-        return _LABEL_TO_ANSWER[label]
-    except KeyError:
-        raise ValueError(f"not a Corr2Cause label: {label!r}") from None

@@ -224,11 +224,13 @@ def log_report_to_mlflow(report: QualityReport, settings: RegistrySettings, tags
     """
     import mlflow
 
-    from tracesft.train.tracking import use_tracking
+    from tracesft.train.tracking import mlflow_tracking
 
-    experiment_id = use_tracking(settings)
     run_name = f"data-quality {tags.get('zenml_run_name', '')}".strip()
-    with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=tags | {"tracesft.kind": "data_quality"}) as run:
+    with (
+        mlflow_tracking(settings) as experiment_id,
+        mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=tags | {"tracesft.kind": "data_quality"}) as run,
+    ):
         mlflow.log_metrics(
             {
                 "quality_success": float(report.success),

@@ -1,8 +1,9 @@
-"""The demo's bundled data, and how it was made (so anyone can make it again).
+"""The demo's bundled data, and how its trace files were made (so anyone can make them again).
 
-`select_problems` draws a seeded, label-stratified sample of the official Corr2Cause test split:
+The problems are a seeded, label-stratified sample of the official Corr2Cause test split:
 problems for the teacher traces and a disjoint set for evaluation, bundled as CSVs in
-`tracesft/bundled/`. `write_sample_traces` turns the trace problems into two GPT-style result files
+`tracesft/bundled/` (`tests/test_sample_data.py` holds the sampling and checks it against the
+official split). `sample_trace_files` turns the trace problems into two GPT-style result files
 (one JSON object with run metadata, one JSONL, with different harness field names) whose
 reasoning restates each problem and ends in an answer. A few are deliberately bad, one of each
 kind verification must catch: wrong answers, a `correct` flag that contradicts the text, an
@@ -17,9 +18,6 @@ import json
 import random
 import re
 from importlib import resources
-from pathlib import Path
-
-from tracesft.evaluate.eval_set import EVAL_COLUMNS
 
 DATA = resources.files("tracesft") / "bundled"
 TRACE_PROBLEMS_CSV = "corr2cause_trace_problems.csv"
@@ -30,29 +28,6 @@ WRONG_ANSWER = (3, 17, 41, 66, 88)  # indices of problems whose trace answers wr
 FLAG_CONTRADICTS = (9, 58)  # answer wrong, but the harness says "correct"
 UNPARSEABLE = (25, 73)  # trace breaks off before answering
 DUPLICATED = 30  # this record appears twice
-
-
-def select_problems(test_csv: Path, n_traces: int = 100, n_eval: int = 40, seed: int = 7) -> tuple[list[dict], list[dict]]:
-    """Seeded sample of the official split: a third "valid" problems so both classes are seen."""
-    with test_csv.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    rng = random.Random(seed)
-    by_label = {label: [r for r in rows if r["label"] == label] for label in ("0", "1")}
-    for group in by_label.values():
-        rng.shuffle(group)
-    total = n_traces + n_eval
-    positives, negatives = by_label["1"][: total // 3], by_label["0"][: total - total // 3]
-    chosen = positives + negatives
-    rng.shuffle(chosen)
-    return chosen[:n_traces], chosen[n_traces:]
-
-
-def csv_text(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=EVAL_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({c: r[c] for c in EVAL_COLUMNS} for r in rows)
-    return out.getvalue()
 
 
 def bundled_rows(name: str) -> list[dict]:
@@ -118,15 +93,6 @@ def sample_trace_files(problems: list[dict], seed: int = 11) -> dict[str, str]:
         TRACE_FILES[0]: json.dumps(document, indent=1, ensure_ascii=False) + "\n",
         TRACE_FILES[1]: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in run2),
     }
-
-
-def write_sample_traces(out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in sample_trace_files(bundled_rows(TRACE_PROBLEMS_CSV)).items():
-        (out_dir / name).write_text(text, encoding="utf-8")
-        written.append(out_dir / name)
-    return written
 
 
 def tokenizer_corpus() -> list[str]:

@@ -27,7 +27,6 @@ FLAG_CONTRADICTS_TEXT = "flag_contradicts_text"
 MALFORMED_PREMISE = "malformed_premise"
 GOLD_CONTRADICTED = "gold_contradicted_by_solver"
 DUPLICATE = "duplicate"
-REASONS = (UNPARSEABLE, FLAG_CONTRADICTS_TEXT, MALFORMED_PREMISE, GOLD_CONTRADICTED, WRONG, DUPLICATE)
 
 
 def verify(batch: TraceBatch) -> VerificationResult:

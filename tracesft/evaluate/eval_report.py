@@ -4,7 +4,9 @@ One page holds the headline (F1 of both models and the confidence interval of th
 every metric on every set (eval set, renamed variables, validation split), the breakdowns by
 template and by number of variables, the confusion matrices, and a bar chart of F1 by template.
 The chart is drawn once (`evaluation_figure`) and embedded in the page as a PNG, so the ZenML
-dashboard and MLflow show the same picture.
+dashboard and MLflow show the same picture. It is a bare `matplotlib.figure.Figure`, not a pyplot
+figure: it renders to PNG without a display, so no backend is chosen for the whole process, and
+nothing needs closing.
 """
 
 from __future__ import annotations
@@ -13,15 +15,11 @@ import base64
 import html
 import io
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display on servers and CI; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from tracesft.evaluate.comparison import ModelComparison  # noqa: E402
-from tracesft.evaluate.evaluation import EvalReport  # noqa: E402
-from tracesft.evaluate.metrics import Scores  # noqa: E402
+from tracesft.evaluate.comparison import ModelComparison
+from tracesft.evaluate.evaluation import EvalReport
+from tracesft.evaluate.metrics import Scores
 
 _METRICS = ("n", "f1", "precision", "recall", "accuracy", "parse_failure_rate")
 _STYLE = (
@@ -45,7 +43,8 @@ def evaluation_figure(base: EvalReport, tuned: EvalReport) -> Figure:
         found = report.scores.by_template.get(group)
         return found.f1 if found else 0.0
 
-    figure, axes = plt.subplots(figsize=(max(6.0, 1.1 * len(groups)), 3.6), layout="constrained")
+    figure = Figure(figsize=(max(6.0, 1.1 * len(groups)), 3.6), layout="constrained")
+    axes = figure.subplots()
     width = 0.4
     for offset, report, color in ((-width / 2, base, "#9aa5b1"), (width / 2, tuned, "#1f6feb")):
         axes.bar([i + offset for i in range(len(groups))], [f1(report, g) for g in groups], width, label=report.model, color=color)
@@ -60,7 +59,6 @@ def evaluation_figure(base: EvalReport, tuned: EvalReport) -> Figure:
 def figure_png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
     return buffer.getvalue()
 
 

@@ -14,10 +14,10 @@ import pandas as pd
 from tracesft.train.adapter import LoraAdapter
 from tracesft.evaluate.comparison import ModelComparison
 from tracesft.config import RegistrySettings
-from tracesft.evaluate.eval_report import evaluation_figure, plt, render_evaluation_html  # selects the Agg backend
+from tracesft.evaluate.eval_report import evaluation_figure, render_evaluation_html
 from tracesft.evaluate.evaluation import EvalReport, Prediction
 from tracesft.evaluate.metrics import ScoreReport
-from tracesft.train.tracking import use_tracking
+from tracesft.train.tracking import mlflow_tracking
 
 ARTIFACT_DIR = "evaluation"
 _METRICS = ("f1", "precision", "recall", "accuracy", "parse_failure_rate")
@@ -64,9 +64,7 @@ def log_comparison_to_mlflow(base: EvalReport, tuned: EvalReport, comparison: Mo
     mlflow.log_metrics(comparison.metrics())
     mlflow.log_dict(comparison.model_dump(), f"{ARTIFACT_DIR}/comparison.json")
     mlflow.log_text(render_evaluation_html(base, tuned, comparison), f"{ARTIFACT_DIR}/report.html")
-    figure = evaluation_figure(base, tuned)
-    mlflow.log_figure(figure, f"{ARTIFACT_DIR}/f1_by_template.png")
-    plt.close(figure)
+    mlflow.log_figure(evaluation_figure(base, tuned), f"{ARTIFACT_DIR}/f1_by_template.png")
 
 
 def log_evaluation_run(
@@ -75,9 +73,11 @@ def log_evaluation_run(
     """Log both evaluations and their comparison into the adapter's training run; return its id."""
     import mlflow
 
-    experiment_id = use_tracking(settings)
     run_id = adapter.metadata.get("mlflow_run_id")
-    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as run:
+    with (
+        mlflow_tracking(settings) as experiment_id,
+        mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as run,
+    ):
         log_evaluation_to_mlflow(base, "base")
         log_evaluation_to_mlflow(tuned, "finetuned")
         log_comparison_to_mlflow(base, tuned, comparison)

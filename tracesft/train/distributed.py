@@ -22,7 +22,6 @@ check that 1 and 2 processes train the same way.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -185,8 +184,3 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def read_log_history(output_dir: Path) -> list[dict[str, float]]:
-    """Rank 0's Trainer log lines of a launched run (the loss curve, among others)."""
-    return json.loads((Path(output_dir) / LOG_HISTORY_FILE).read_text(encoding="utf-8"))

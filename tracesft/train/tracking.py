@@ -4,23 +4,33 @@ One rule everywhere (pipeline and CLI alike): `MLFLOW_TRACKING_URI` wins, then t
 configuration's `registry.tracking_uri`, then a sqlite file in the local state folder. A relative
 sqlite path is made absolute against the working directory, so every process started from the
 repo root sees the same registry.
+
+MLflow's run API (`mlflow.start_run`, `mlflow.log_*`, and with it the Trainer callback below)
+finds its store through one process-wide setting. `mlflow_tracking` sets it for a block only, so
+one step's store never leaks into the next; code that needs no active run takes an explicit
+`MlflowClient(uri)` instead.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tracesft.config import Device, RegistrySettings
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 STATE_DIR = Path(".tracesft")
 _SQLITE = "sqlite:///"
-_MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+_TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
 
 
 def resolve_tracking_uri(settings: RegistrySettings) -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or settings.tracking_uri or f"{_SQLITE}{STATE_DIR / 'mlflow.db'}"
+    uri = os.environ.get(_TRACKING_URI_VARIABLE) or settings.tracking_uri or f"{_SQLITE}{STATE_DIR / 'mlflow.db'}"
     if uri.startswith(_SQLITE):
         path = Path(uri[len(_SQLITE) :])
         if not path.is_absolute():
@@ -28,26 +38,51 @@ def resolve_tracking_uri(settings: RegistrySettings) -> str:
     return uri
 
 
-def use_tracking(settings: RegistrySettings) -> str:
-    """Point MLflow at the resolved store and experiment; return the experiment id.
+@contextmanager
+def mlflow_tracking(settings: RegistrySettings) -> Iterator[str]:
+    """MLflow's run API on the resolved store and experiment for the block; yields the experiment id.
 
-    With a sqlite store the artifacts sit beside the database file instead of in an `mlruns/`
-    of whatever directory the process happens to start in.
+    MLflow keeps that store in one process-wide setting and has no scoped way to set it, so the
+    block puts it back when it ends: MLflow following `MLFLOW_TRACKING_URI` again, unless a URI
+    had been set in code before. Blocks nest; like MLflow's run API itself, they do not let two
+    threads track into different stores at once.
+
+    With a sqlite store the artifacts sit beside the database file instead of in an `mlruns/` of
+    whatever directory the process happens to start in.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.tracking import is_tracking_uri_set
+
+    uri = resolve_tracking_uri(settings)
+    users_variable = os.environ.get(_TRACKING_URI_VARIABLE)
+    previous = mlflow.get_tracking_uri()
+    set_in_code = is_tracking_uri_set() and previous != users_variable
+    _point_mlflow_at(uri, users_variable)
+    try:
+        yield _experiment_id(MlflowClient(tracking_uri=uri), settings.experiment_name, uri)
+    finally:
+        _point_mlflow_at(previous if set_in_code else None, users_variable)
+
+
+def _point_mlflow_at(uri: str | None, users_variable: str | None) -> None:
+    """`mlflow.set_tracking_uri(uri)` (None: follow the environment) and nothing else.
+
+    MLflow also exports the URI as `MLFLOW_TRACKING_URI`, where `resolve_tracking_uri` would take
+    it for the user's override; the variable is put back at once. Subprocesses that need the
+    store get it explicitly (`tracesft.train.distributed.worker_environment`).
     """
     import mlflow
 
-    uri = resolve_tracking_uri(settings)
-    # MLflow exports the URIs it is given into the environment, where the next
-    # `resolve_tracking_uri` would mistake them for the user's override: put the user's back.
-    user_environment = {name: os.environ.get(name) for name in _MLFLOW_URI_VARIABLES}
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    for name, value in user_environment.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    experiment = mlflow.get_experiment_by_name(settings.experiment_name)
+    if users_variable is None:
+        os.environ.pop(_TRACKING_URI_VARIABLE, None)
+    else:
+        os.environ[_TRACKING_URI_VARIABLE] = users_variable
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None
@@ -55,7 +90,7 @@ def use_tracking(settings: RegistrySettings) -> str:
         database = Path(uri[len(_SQLITE) :])
         database.parent.mkdir(parents=True, exist_ok=True)
         artifact_location = (database.parent / "mlartifacts").as_uri()
-    return mlflow.create_experiment(settings.experiment_name, artifact_location=artifact_location)
+    return client.create_experiment(name, artifact_location=artifact_location)
 
 
 def mlflow_logging_callback(device: Device) -> Any:
@@ -107,14 +142,16 @@ def _examples_per_row(dataloader: Any) -> float:
     return sum(len(lengths) for lengths in dataset["seq_lengths"]) / max(len(dataset), 1)
 
 
-def loss_curve(log_history: list[dict[str, Any]]) -> Any:
-    """Training and validation loss against the optimizer step, as a matplotlib figure."""
-    import matplotlib
+def loss_curve(log_history: list[dict[str, Any]]) -> Figure:
+    """Training and validation loss against the optimizer step, as a matplotlib figure.
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    A bare `Figure` rather than a pyplot one: it renders to PNG without a display, so no backend
+    is chosen for the whole process, and nothing needs closing.
+    """
+    from matplotlib.figure import Figure
 
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure = Figure(figsize=(7, 4))
+    axes = figure.subplots()
     for key, label in (("loss", "train"), ("eval_loss", "validation")):
         points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
         if points:
@@ -124,5 +161,4 @@ def loss_curve(log_history: list[dict[str, Any]]) -> Any:
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    plt.close(figure)
     return figure

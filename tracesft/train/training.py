@@ -177,11 +177,7 @@ def prepare_training(
         disable_tqdm=False,
         **batching,
     )
-    if args.n_gpu > 1:
-        # One process trains on one GPU. With several visible and no launcher, Trainer would wrap
-        # the model in nn.DataParallel, which TRL refuses; Trainer itself sets this for a model
-        # placed by a device map, as ours is (`load_base_model` puts it on the current device).
-        args._n_gpu = 1
+    use_one_gpu(args)
     lora = LoraConfig(
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,
@@ -254,3 +250,18 @@ def train_lora(
         },
     )
     return adapter, summary
+
+
+def use_one_gpu(args: Any) -> None:
+    """Make a one-process run train on its one GPU, however many the machine shows.
+
+    With several GPUs visible and no launcher, Trainer counts them all (`args.n_gpu`) and wraps
+    the model in `nn.DataParallel`, which TRL's SFTTrainer refuses. Our model sits whole on the
+    current device (`load_base_model`'s device map), where one GPU is all it can use. The public
+    remedy, showing the process one GPU through `CUDA_VISIBLE_DEVICES`, works only before CUDA
+    starts, i.e. in whoever starts the process, and a one-process run trains inside the pipeline
+    step's own process. transformers 5.24 and accelerate 1.15 offer no setting for the GPU count,
+    so this sets Trainer's private count as Trainer itself does for a model spread by a device map.
+    """
+    if args.n_gpu > 1:
+        args._n_gpu = 1
