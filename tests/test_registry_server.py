@@ -34,6 +34,7 @@ from tracesft.registry.model_registry import (
     rollback_champion,
 )
 from tracesft.registry.lock import lock_name, registry_lock
+from tracesft.generate.inference import prepare_for_inference
 from tracesft.registry.serving import load_registered_adapter
 
 from tests.registry_support import QUERY, MlflowServer, tiny_adapter, tiny_base
@@ -151,12 +152,14 @@ def test_the_champion_loads_by_alias_and_answers(env: dict[str, Any]) -> None:
     model_name = env["settings"].model_name
     loaded = load_registered_adapter(f"models:/{model_name}@champion", device="cpu")
     assert (loaded.name, loaded.version) == (model_name, "1")
-    assert isinstance(loaded.model, PeftModel)
     assert loaded.answer(QUERY, EvalSettings(max_new_tokens=8)) in ("yes", "no", "none")  # random weights: any answer
-    # The weights that came back are the ones registered.
-    local = PeftModel.from_pretrained(type(loaded.model.base_model.model).from_pretrained(env["base"]), str(adapter(env, 1).path))
-    for (name, registered), (_, original) in zip(loaded.model.named_parameters(), local.named_parameters()):
-        assert registered.equal(original), name
+    # The weights that came back are the ones registered, in the form evaluation decodes with.
+    local = PeftModel.from_pretrained(type(loaded.model).from_pretrained(env["base"]), str(adapter(env, 1).path))
+    expected = prepare_for_inference(local)
+    registered = dict(loaded.model.named_parameters())
+    assert registered.keys() == dict(expected.named_parameters()).keys()
+    for name, original in expected.named_parameters():
+        assert registered[name].equal(original), name
 
 
 def test_unknown_alias_is_a_clear_error(env: dict[str, Any]) -> None:

@@ -21,7 +21,9 @@ from tracesft.train.adapter import LoraAdapter
 from tracesft.data.answers import Answer, extract_answer
 from tracesft.config import Device, EvalSettings, RegistrySettings, TrainingRecipe, load_run_config
 from tracesft.errors import TracesftError
-from tracesft.generate.batching import generate_all, hf_decoder
+from tracesft.generate.batching import engine_decoder, generate_all, hf_decoder
+from tracesft.generate.engine import supports
+from tracesft.generate.inference import for_decoding
 from tracesft.train.modeling import load_base_model, load_tokenizer
 from tracesft.data.prompting import build_prompt
 from tracesft.registry.model_registry import CHAMPION, registry_client
@@ -47,7 +49,8 @@ class LoadedAdapter:
         prompts = [
             self.tokenizer(build_prompt(self.tokenizer, query), add_special_tokens=False)["input_ids"] for query in queries
         ]
-        outputs, _ = generate_all(prompts, hf_decoder(self.model, self.tokenizer, settings), settings.batch_size, settings.max_new_tokens)
+        decoder = engine_decoder if supports(self.model) else hf_decoder
+        outputs, _ = generate_all(prompts, decoder(self.model, self.tokenizer, settings), settings.batch_size, settings.max_new_tokens)
         return outputs
 
     def answer(self, query: str, settings: EvalSettings | None = None) -> Answer:
@@ -114,8 +117,9 @@ def load_registered_adapter(
 ) -> LoadedAdapter:
     """Load `models:/<name>@champion` (or any alias or version) onto its base model.
 
-    The base is loaded as evaluation loads it on `device` (4-bit NF4 on cuda when the recipe asks
-    for it), so on the device the promoting evaluation ran on, it answers exactly as measured.
+    The base is loaded and put in its decoding form as evaluation does it on `device` (4-bit NF4
+    on cuda when the recipe asks for it, then `for_decoding`), and answers go through the same
+    engine, so on the device the promoting evaluation ran on, it answers as measured.
     """
     from peft import PeftModel
 
@@ -123,7 +127,7 @@ def load_registered_adapter(
     base, revision, recipe = _base_of(adapter, base_model)
     tokenizer = _tokenizer_of(adapter, base, revision)
     model = PeftModel.from_pretrained(load_base_model(base, recipe, device, revision), str(adapter.path))
-    model.eval()
+    model = for_decoding(model, EvalSettings()).eval()
     name = parse_model_uri(name_or_uri, alias, version)[0]
     return LoadedAdapter(model=model, tokenizer=tokenizer, name=name, version=number, base_model=base)
 
