@@ -3,12 +3,16 @@ started as scheduled retraining starts it: `tracesft retrain --traces DIR --conf
 
 Three runs: the first trains and registers version 1 (alias challenger); the second, with the
 same inputs, is served entirely from the cache and registers nothing; after a new trace file
-lands, ingestion and everything downstream rerun and version 2 is registered. Credentials are
-planted in the environment and in a ZenML secret on the stack throughout; the last test shows
-none of them reached a log, an MLflow parameter, tag or artifact, or either store.
+lands in a subfolder, ingestion and everything downstream rerun and version 2 is registered. The
+traces folder is laid out as users leave one (`on_bad_record: skip`): a result file in a subfolder
+with an upper-case extension and a broken line, a README, a notebook checkpoint folder and a
+dangling link; both summaries, JSON and text, must say what was skipped and left unread.
+Credentials are planted in the environment and in a ZenML secret on the stack throughout; the
+last test shows none of them reached a log, an MLflow parameter, tag or artifact, or either store.
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -34,9 +38,11 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("workspace")
     state = root / ".tracesft"
     prepare_demo_workspace(state)
+    _lay_out_like_a_user(state / "traces")
     document = yaml.safe_load(embedded_config_path().read_text())
     parameters = document["parameters"]
     parameters["traces"] = ["placeholder: replaced by retrain --traces"]
+    parameters["on_bad_record"] = "skip"
     parameters["eval_set"] = str(state / "eval" / "corr2cause_eval.csv")
     parameters["base_model"] = str(state / "tiny-model")
     parameters["registry"] |= {"tracking_uri": "sqlite:///never-used.db", "model_name": MODEL_NAME}
@@ -44,6 +50,17 @@ def workspace(tmp_path_factory):
     config = root / "run.yaml"
     config.write_text(yaml.safe_dump(document))
     return root, config
+
+
+def _lay_out_like_a_user(traces: Path) -> None:
+    jsonl = next(traces.glob("*.jsonl"))
+    nested = traces / "harness-b" / jsonl.with_suffix(".JSONL").name
+    nested.parent.mkdir()
+    nested.write_text(jsonl.read_text() + "{not json\n")
+    jsonl.unlink()
+    (traces / "README.md").write_text("GPT-4o on Corr2Cause, two harnesses.\n")
+    shutil.copytree(nested.parent, traces / ".ipynb_checkpoints")
+    (traces / "run0.jsonl").symlink_to(traces / "moved-away.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +90,19 @@ def tracking_uri(workspace):
     patch.undo()
 
 
-def _run(config: Path, capfd) -> dict:
-    """`tracesft retrain --traces <the workspace's traces> --config FILE --json`, in-process."""
+def _run(config: Path, capfd, as_json: bool = True) -> dict | str:
+    """`tracesft retrain --traces <the workspace's traces> --config FILE [--json]`, in-process."""
     from tracesft.cli import main
 
-    assert main(["retrain", "--traces", str(config.parent / ".tracesft" / "traces"), "--config", str(config), "--json"]) == 0
+    command = ["retrain", "--traces", str(_traces(config)), "--config", str(config)]
+    assert main(command + ["--json"] * as_json) == 0
     out, err = capfd.readouterr()
     OUTPUTS.append(out + err)
-    return json.loads(out[out.rindex('{\n  "run"'):])
+    return json.loads(out[out.rindex('{\n  "run"'):]) if as_json else out
+
+
+def _traces(config: Path) -> Path:
+    return config.parent / ".tracesft" / "traces"
 
 
 def _versions(config: Path) -> list[dict]:
@@ -111,6 +133,18 @@ def test_first_run_registers_a_challenger_with_lineage(workspace, tracking_uri, 
     decision = summary["promotion"]
     assert decision["promoted"] == (decision["finetuned_f1"] > decision["base_f1"])
 
+    traces = _traces(config)
+    ingestion = summary["ingestion"]
+    assert ingestion["files"] == 2 and ingestion["skipped_records"] == 1
+    [skipped] = ingestion["skipped_records_listed"]
+    nested = next((traces / "harness-b").glob("*.JSONL"))
+    assert (skipped["source"], skipped["locator"]) == (str(nested), f"line {len(nested.read_text().splitlines())}")
+    assert {i["path"]: i["reason"] for i in ingestion["ignored_files_listed"]} == {
+        str(traces / ".ipynb_checkpoints"): "hidden", str(traces / "README.md"): "wrong_extension",
+        str(traces / "run0.jsonl"): "dangling_link",
+    }
+    assert summary["sft_dataset"]["train"] == int(tags["train_examples"])  # what was trained on, said in the summary
+
     # The ZenML Model Control Plane tells the same story as the registry.
     from zenml.client import Client
 
@@ -125,22 +159,31 @@ def test_first_run_registers_a_challenger_with_lineage(workspace, tracking_uri, 
 
 
 def test_unchanged_inputs_are_served_from_cache(workspace, tracking_uri, capfd):
+    """The text summary, as cron mails it: a fully cached run still says what its data left out."""
     _, config = workspace
-    summary = _run(config, capfd)
+    text = _run(config, capfd, as_json=False)
 
-    assert set(summary["steps"].values()) == {"cached"}
-    assert not summary["new_version"]
+    steps = re.search(r"(\d+) of (\d+) steps cached", text)
+    assert steps and steps[1] == steps[2]
+    assert "Nothing new registered: inputs unchanged, version 1 still stands." in text
     assert [v["version"] for v in _versions(config)] == ["1"]
+    traces = _traces(config)
+    assert re.search(r"Ingested (\d+) of (\d+) records from 2 file\(s\); 1 unreadable record\(s\) skipped", text)
+    assert f"  {next((traces / 'harness-b').glob('*.JSONL'))} (line " in text and "not valid JSON" in text
+    assert "3 path(s) in the traces folders not read:" in text
+    assert f"  {traces / 'README.md'}: wrong_extension\n" in text and f"  {traces / 'run0.jsonl'}: dangling_link\n" in text
+    assert re.search(r"SFT dataset: \d+ train, \d+ validation records\.", text)
 
 
-def test_a_new_trace_file_reruns_from_ingest(workspace, tracking_uri, capfd):
-    root, config = workspace
-    jsonl = next((root / ".tracesft" / "traces").glob("*.jsonl"))
+def test_a_new_trace_file_in_a_subfolder_reruns_from_ingest(workspace, tracking_uri, capfd):
+    _, config = workspace
+    jsonl = next((_traces(config) / "harness-b").glob("*.JSONL"))
     first = json.loads(jsonl.read_text().splitlines()[0])
     # A second, differently worded trace of a problem already there: it passes verification,
     # so the training data (and with it the adapter) changes.
     first["reasoning"] = "Restating the problem before reasoning about it.\n\n" + first["reasoning"]
-    (jsonl.parent / "gpt4o_corr2cause_run3.jsonl").write_text(json.dumps(first) + "\n")
+    (_traces(config) / "2026-11").mkdir()
+    (_traces(config) / "2026-11" / "gpt4o_corr2cause_run3.jsonl").write_text(json.dumps(first) + "\n")
 
     summary = _run(config, capfd)
 
@@ -149,6 +192,7 @@ def test_a_new_trace_file_reruns_from_ingest(workspace, tracking_uri, capfd):
     assert [v["version"] for v in versions] == ["2", "1"]
     assert "challenger" in versions[0]["aliases"] and "challenger" not in versions[1]["aliases"]
     assert versions[0]["tags"]["traces_content_hash"] != versions[1]["tags"]["traces_content_hash"]
+    assert summary["ingestion"]["files"] == 3
 
 
 def test_planted_secrets_reach_no_log_parameter_artifact_or_store(workspace, tracking_uri):
