@@ -9,6 +9,11 @@ from typing import Any
 from zenml.utils import source_utils
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# What the `ingest_traces` step logs that a person reading the summary needs (the lists are cut
+# to their first entries there; the `raw_traces` artifact and the dataset summary hold them all).
+INGESTION_FIGURES = (
+    "records", "files", "skipped_records", "skipped_records_listed", "ignored_files", "ignored_files_listed"
+)
 
 
 def run_pipeline(config_path: Path) -> Any:
@@ -26,12 +31,22 @@ def run_pipeline(config_path: Path) -> Any:
 
 
 def run_summary(run: Any) -> dict[str, Any]:
-    """Step statuses, the registered version and the promotion decision of a finished run."""
+    """Step statuses, what ingestion read, skipped and left unread, the SFT split's sizes, the
+    registered version and the promotion decision of a finished run.
+
+    The data figures come from the steps' metadata, which a cached step shares with the run that
+    computed it, so a fully cached run still says what its training data left out.
+    """
     from zenml.client import Client
 
     run = Client().get_pipeline_run(run.id)
     steps = {name: str(step.status.value) for name, step in run.steps.items()}
     summary: dict[str, Any] = {"run": run.name, "status": str(run.status.value), "steps": steps}
+    ingest, dataset = run.steps.get("ingest_traces"), run.steps.get("build_sft_dataset")
+    if ingest is not None and "records" in ingest.run_metadata:
+        summary["ingestion"] = {key: ingest.run_metadata[key] for key in INGESTION_FIGURES if key in ingest.run_metadata}
+    if dataset is not None and "train" in dataset.run_metadata:
+        summary["sft_dataset"] = {split: dataset.run_metadata[split] for split in ("train", "validation")}
     register, promote = run.steps.get("register_adapter"), run.steps.get("promote_adapter")
     if register is not None and promote is not None:
         summary["registered"] = register.outputs["registered_version"][0].load().model_dump()

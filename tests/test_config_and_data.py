@@ -13,7 +13,7 @@ from tracesft.evaluate.eval_set import EVAL_COLUMNS, exclude_seen, load_eval_set
 from tracesft.evaluate.metrics import score_report, scores
 from tracesft.data.prompting import THINK_CLOSE, THINK_OPEN, build_completion
 from tracesft.data.sft_dataset import build_sft_dataset, normalize_query, summarize
-from tracesft.data.traces import TraceBatch, TraceRecord
+from tracesft.data.traces import IgnoredFile, SkippedRecord, TraceBatch, TraceRecord
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEVEN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -212,6 +212,20 @@ def test_summarize_has_both_splits() -> None:
     assert f"| validation | {len(dataset.validation)} |" in text
     assert "split seed 42" in text and "ffffffffffffffff" in text
     assert "| `run0.json` | 20 |" in text and "| `run1.json` | 20 |" in text
+    assert "skipped" not in text and "not read" not in text
+
+
+def test_dataset_carries_and_summarizes_what_ingestion_skipped_and_left_unread() -> None:
+    skipped = [SkippedRecord(source="t/b.jsonl", locator="line 3", error="t/b.jsonl (line 3): not valid JSON\n(x|y)")]
+    ignored = [IgnoredFile(path="t/README.md", reason="wrong_extension"), IgnoredFile(path="t/.git", reason="hidden")]
+    batch = make_batch(4).model_copy(update={"skipped": skipped, "ignored": ignored})
+    dataset = build_sft_dataset(batch, 0.25, seed=0)
+    assert (dataset.skipped, dataset.ignored) == (skipped, ignored)
+    text = summarize(dataset)
+    assert "1 unreadable record(s) skipped at ingestion" in text
+    assert "| `t/b.jsonl` | line 3 | t/b.jsonl (line 3): not valid JSON (x\\|y) |" in text  # one table row
+    assert "2 path(s) in the traces folders not read" in text
+    assert "| `t/README.md` | wrong_extension |" in text and "| `t/.git` | hidden |" in text
 
 
 # --- eval set --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 
 from tracesft.errors import TracesftError
 from tracesft.data.ingest import FIELD_ALIASES, content_hash, ingest
+from tracesft.data.traces import TraceBatch
 
 QUERY = "Premise: A correlates with B.\nHypothesis: A directly causes B."
 TRACE = "A correlation alone does not fix the direction of the edge.\n\nAnswer: No"
@@ -32,6 +33,18 @@ def write_json(path: Path, document: Any) -> Path:
 def write_jsonl(path: Path, records: list[Any]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def write_results(path: Path, records: list[Any]) -> Path:
+    """A result file in the format its extension (in any case) says."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_jsonl(path, records) if path.suffix.lower() == ".jsonl" else write_json(path, records)
+
+
+def ignored(batch: TraceBatch, folder: Path | None = None) -> dict[str, str]:
+    """The batch's ignored paths, relative to `folder` (the first one read from, by default), with their reasons."""
+    folder = folder or Path(batch.files[0]).parent
+    return {Path(i.path).relative_to(folder).as_posix(): i.reason for i in batch.ignored}
 
 
 def raises_naming(paths: list[str], *parts: str, field_map: dict[str, str] | None = None) -> str:
@@ -84,13 +97,14 @@ def test_directory_of_mixed_files_is_sorted_and_filtered(tmp_path: Path) -> None
     (folder / "notes.txt").write_text("not a result file")
     (folder / "summary.csv").write_text("input,label\nx,1\n")
     (folder / "nested").mkdir()
-    write_json(folder / "nested" / "ignored.json", [record(input="nested")])
+    write_json(folder / "nested" / "d_run.json", [record(input="nested")])
 
     batch = ingest([str(folder)])
 
-    assert batch.files == [str(folder / n) for n in ("a_run.json", "b_run.jsonl", "c_run.json")]
-    assert [r.query for r in batch.records] == ["query a1", "query b1", "query b2", "query c1"]
+    assert batch.files == [str(folder / n) for n in ("a_run.json", "b_run.jsonl", "c_run.json", "nested/d_run.json")]
+    assert [r.query for r in batch.records] == ["query a1", "query b1", "query b2", "query c1", "nested"]
     assert list(batch.run_metadata) == [str(folder / "a_run.json")]
+    assert ignored(batch) == {"notes.txt": "wrong_extension", "summary.csv": "wrong_extension"}
 
 
 def test_files_and_directories_can_be_mixed(tmp_path: Path) -> None:
@@ -100,6 +114,120 @@ def test_files_and_directories_can_be_mixed(tmp_path: Path) -> None:
     single = write_jsonl(tmp_path / "extra.jsonl", [record(input="single file")])
     batch = ingest([str(single), str(folder)])
     assert [r.query for r in batch.records] == ["single file", "in folder"]
+
+
+# --- what "this folder" means: any case, subfolders, links; everything left unread is reported ---
+
+
+@pytest.mark.parametrize("name", ["RUN.JSONL", "run.JsonL", "run.JSON", "Run.Json"])
+def test_extension_in_any_case(tmp_path: Path, name: str) -> None:
+    write_results(tmp_path / name, [record(), record(label=1)])
+    batch = ingest([str(tmp_path)])
+    assert batch.files == [str(tmp_path / name)]
+    # Read as what the extension says: JSONL records are lines, JSON records are list items.
+    assert [r.locator for r in batch.records] == (["line 1", "line 2"] if name.lower().endswith("l") else ["record 1", "record 2"])
+    assert batch.ignored == []
+
+
+def test_nested_folders_are_read_in_sorted_depth_first_order(tmp_path: Path) -> None:
+    for name in ("c.json", "b/c/z.jsonl", "a.json", "b/a.json", "b/c/2026/11/late.json"):
+        write_results(tmp_path / name, [record(input=name)])
+    batch = ingest([str(tmp_path)])
+    order = ["a.json", "b/a.json", "b/c/2026/11/late.json", "b/c/z.jsonl", "c.json"]
+    assert [Path(f).relative_to(tmp_path).as_posix() for f in batch.files] == order
+    assert [r.query for r in batch.records] == order
+    assert batch.records[2].source == str(tmp_path / "b/c/2026/11/late.json")
+
+
+def test_hidden_files_and_folders_are_ignored_and_reported(tmp_path: Path) -> None:
+    write_json(tmp_path / "run.json", [record()])
+    for name in (".git/objects/pack.json", ".ipynb_checkpoints/run-checkpoint.jsonl", "sub/.draft.json"):
+        write_results(tmp_path / name, [record(input="hidden")])
+    batch = ingest([str(tmp_path)])
+    assert batch.files == [str(tmp_path / "run.json")] and [r.query for r in batch.records] == [QUERY]
+    # A hidden folder is reported once, not file by file: it is not looked into.
+    assert ignored(batch) == {".git": "hidden", ".ipynb_checkpoints": "hidden", "sub/.draft.json": "hidden"}
+
+
+def test_a_hidden_folder_given_itself_is_read(tmp_path: Path) -> None:
+    folder = tmp_path / ".tracesft" / "traces"  # the demo's own workspace is such a folder
+    folder.mkdir(parents=True)
+    write_json(folder / "run.json", [record()])
+    assert ingest([str(folder)]).files == [str(folder / "run.json")]
+
+
+def test_non_trace_files_are_ignored_and_reported(tmp_path: Path) -> None:
+    write_json(tmp_path / "run.json", [record()])
+    (tmp_path / "README.md").write_text("# GPT-4o on Corr2Cause, November run\n")
+    (tmp_path / "scores.csv").write_text("f1\n0.5\n")
+    (tmp_path / "run.json.bak").write_text("[]")
+    batch = ingest([str(tmp_path)])
+    assert batch.files == [str(tmp_path / "run.json")]
+    assert ignored(batch) == {"README.md": "wrong_extension", "run.json.bak": "wrong_extension", "scores.csv": "wrong_extension"}
+
+
+def test_dangling_symlink_is_reported_not_fatal(tmp_path: Path) -> None:
+    write_json(tmp_path / "run.json", [record()])
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "moved-away.jsonl")
+    batch = ingest([str(tmp_path)])
+    assert batch.files == [str(tmp_path / "run.json")]
+    assert ignored(batch) == {"gone.jsonl": "dangling_link"}
+
+
+def test_symlink_loops_are_reported_not_fatal(tmp_path: Path) -> None:
+    write_json(tmp_path / "run.json", [record()])
+    (tmp_path / "self.jsonl").symlink_to(tmp_path / "self.jsonl")  # the kernel reports ELOOP
+    (tmp_path / "ping.jsonl").symlink_to(tmp_path / "pong.jsonl")
+    (tmp_path / "pong.jsonl").symlink_to(tmp_path / "ping.jsonl")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "up").symlink_to(tmp_path, target_is_directory=True)  # a folder inside itself
+    batch = ingest([str(tmp_path)])
+    assert batch.files == [str(tmp_path / "run.json")]
+    assert ignored(batch) == {"ping.jsonl": "link_loop", "pong.jsonl": "link_loop", "self.jsonl": "link_loop", "sub/up": "link_loop"}
+
+
+def test_symlinks_are_followed_and_each_file_is_read_once(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "archive"
+    elsewhere.mkdir()
+    write_json(elsewhere / "old.json", [record(input="archived")])
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    write_json(folder / "run.json", [record()])
+    (folder / "archive").symlink_to(elsewhere, target_is_directory=True)
+    (folder / "zz-latest.json").symlink_to(folder / "run.json")
+    batch = ingest([str(folder), str(folder / "run.json")])
+    # The first path in reading order reads a file; any later path to it is reported instead.
+    assert batch.files == [str(folder / "archive" / "old.json"), str(folder / "run.json")]
+    assert [r.query for r in batch.records] == ["archived", QUERY]
+    assert [(i.path, i.reason) for i in batch.ignored] == [
+        (str(folder / "zz-latest.json"), "already_read"), (str(folder / "run.json"), "already_read")
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file whatever its permissions")
+def test_unreadable_file_and_folder_are_reported(tmp_path: Path) -> None:
+    write_json(tmp_path / "run.json", [record()])
+    locked = write_json(tmp_path / "locked.json", [record()])
+    (tmp_path / "private").mkdir()
+    locked.chmod(0), (tmp_path / "private").chmod(0)
+    try:
+        batch = ingest([str(tmp_path)])
+    finally:
+        locked.chmod(0o644), (tmp_path / "private").chmod(0o755)
+    assert ignored(batch) == {"locked.json": "unreadable", "private": "unreadable"}
+
+
+def test_a_dangling_link_given_explicitly_stops_ingestion(tmp_path: Path) -> None:
+    link = tmp_path / "run.jsonl"
+    link.symlink_to(tmp_path / "moved-away.jsonl")
+    raises_naming([str(link)], str(link), "symbolic link that leads nowhere", "`traces`")
+
+
+def test_a_file_given_explicitly_is_read_whatever_its_extension(tmp_path: Path) -> None:
+    file = write_jsonl(tmp_path / "export.JSONL", [record()])
+    other = write_json(tmp_path / "export.txt", [record(label=1)])
+    batch = ingest([str(file), str(other)])
+    assert [(r.locator, r.gold) for r in batch.records] == [("line 1", 0), ("record 1", 1)]
 
 
 # --- field names -----------------------------------------------------------------------------
@@ -230,13 +358,20 @@ def test_content_hash_changes_with_one_byte(tmp_path: Path) -> None:
     assert content_hash([str(file)]) != before
 
 
-def test_content_hash_changes_with_new_file_in_directory(tmp_path: Path) -> None:
+def test_content_hash_covers_exactly_the_files_read(tmp_path: Path) -> None:
     write_json(tmp_path / "run1.json", [record()])
     before = content_hash([str(tmp_path)])
     (tmp_path / "readme.txt").write_text("not a result file")
-    assert content_hash([str(tmp_path)]) == before  # only result files count
-    write_jsonl(tmp_path / "run2.jsonl", [record()])
-    assert content_hash([str(tmp_path)]) != before
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    write_json(tmp_path / ".ipynb_checkpoints" / "run1-checkpoint.json", [record()])
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    assert content_hash([str(tmp_path)]) == before  # nothing read changed
+    write_results(tmp_path / "2026" / "11" / "run2.JSONL", [record()])
+    in_subfolder = content_hash([str(tmp_path)])
+    assert in_subfolder != before
+    (tmp_path / "2026" / "11" / "run2.JSONL").rename(tmp_path / "2026" / "run2.JSONL")
+    assert content_hash([str(tmp_path)]) not in (before, in_subfolder)  # provenance moved with it
+    assert ingest([str(tmp_path)]).content_hash == content_hash([str(tmp_path)])
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -250,8 +385,7 @@ def test_missing_path(tmp_path: Path) -> None:
 def test_empty_directory(tmp_path: Path) -> None:
     folder = tmp_path / "traces"
     folder.mkdir()
-    (folder / "notes.txt").write_text("nothing to ingest")
-    raises_naming([str(folder)], str(folder), "*.json", "*.jsonl")
+    raises_naming([str(folder)], str(folder), "holds no result files", "*.json", "*.jsonl", "`traces`")
 
 
 def test_invalid_json_names_line_and_column(tmp_path: Path) -> None:
@@ -382,12 +516,14 @@ def test_file_without_records(tmp_path: Path, name: str, content: str) -> None:
     raises_naming([str(file)], str(file), "holds no records")
 
 
-def test_directory_with_only_other_files_and_folders(tmp_path: Path) -> None:
+def test_directory_with_only_other_files_and_folders_names_what_it_ignored(tmp_path: Path) -> None:
     folder = tmp_path / "traces"
-    (folder / "nested").mkdir(parents=True)
-    write_json(folder / "nested" / "hidden.json", [record()])  # not looked into: only the top level
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    write_json(folder / ".ipynb_checkpoints" / "run-checkpoint.json", [record()])
     (folder / "run.csv").write_text("input,label\n")
-    raises_naming([str(folder)], str(folder), "no *.json or *.jsonl result files")
+    (folder / "gone.jsonl").symlink_to(folder / "nowhere.jsonl")
+    raises_naming([str(folder)], str(folder), "holds no result files",
+                  ".ipynb_checkpoints (hidden), gone.jsonl (dangling_link), run.csv (wrong_extension)")
 
 
 def broken_jsonl(tmp_path: Path) -> Path:
@@ -454,3 +590,14 @@ def test_verify_traces_cli_reports_skipped_lines(tmp_path: Path, capsys: pytest.
     assert main(["verify-traces", str(file), "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "1 unreadable record(s) skipped" in out and f"{file} (line 3)" in out
+
+
+def test_verify_traces_cli_reports_paths_not_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tracesft.cli import main
+
+    write_json(tmp_path / "run.json", [record()])
+    (tmp_path / "README.md").write_text("notes")
+    assert main(["verify-traces", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ignored"] == [{"path": str(tmp_path / "README.md"), "reason": "wrong_extension"}]
+    assert main(["verify-traces", str(tmp_path)]) == 0
+    assert f"1 path(s) in the given folders not read:\n  {tmp_path / 'README.md'}: wrong_extension" in capsys.readouterr().out

@@ -4,15 +4,20 @@ of its own.
 
 Three runs, each a module fixture built on the one before: the first trains and registers version 1
 (alias challenger); the second, with the same inputs, is served entirely from the cache and
-registers nothing; after a new trace file lands, ingestion and everything downstream rerun and
-version 2 is registered. Each keeps what it printed and the registry as seen right after it, so
-every test holds whatever other tests ran. Credentials are planted in the environment and in a
+registers nothing; after a new trace file lands in a subfolder, ingestion and everything downstream
+rerun and version 2 is registered. Each keeps what it printed and the registry as seen right after
+it, so every test holds whatever other tests ran. The traces folder is laid out as users leave one
+(`on_bad_record: skip`): a result file in a subfolder with an upper-case extension and a broken
+line, a README, a notebook checkpoint folder and a dangling link; both summaries, JSON and text,
+must say what was skipped and left unread. Credentials are planted in the environment and in a
 ZenML secret on the stack throughout; the last test shows none of them reached a log, an MLflow
 parameter, tag or artifact, or either store.
 """
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -38,10 +43,10 @@ ZENML_SECRET_VALUE = "planted-zenml-secret-value-e2e"
 
 @dataclass(frozen=True)
 class Run:
-    summary: dict  # what `retrain --json` reported
+    summary: dict | None  # what `retrain --json` reported (None: run without --json)
     printed: str  # everything the process wrote, stdout and stderr
     versions: list[dict]  # `list_versions` right after the run
-    model_version: dict  # the run's ZenML model version right after the run: name, id, stage, metadata
+    model_version: dict | None  # the run's ZenML model version right after a --json run: name, id, stage, metadata
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +54,11 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("workspace")
     state = root / ".tracesft"
     prepare_demo_workspace(state)
+    _lay_out_like_a_user(state / "traces")
     document = yaml.safe_load(embedded_config_path().read_text())
     parameters = document["parameters"]
     parameters["traces"] = ["placeholder: replaced by retrain --traces"]
+    parameters["on_bad_record"] = "skip"
     parameters["eval_set"] = str(state / "eval" / "corr2cause_eval.csv")
     parameters["base_model"] = str(state / "tiny-model")
     parameters["registry"] |= {"tracking_uri": "sqlite:///never-used.db", "model_name": MODEL_NAME}
@@ -59,6 +66,21 @@ def workspace(tmp_path_factory):
     config = root / "run.yaml"
     config.write_text(yaml.safe_dump(document))
     return root, config
+
+
+def _lay_out_like_a_user(traces: Path) -> None:
+    jsonl = next(traces.glob("*.jsonl"))
+    nested = traces / "harness-b" / jsonl.with_suffix(".JSONL").name
+    nested.parent.mkdir()
+    nested.write_text(jsonl.read_text() + "{not json\n")
+    jsonl.unlink()
+    (traces / "README.md").write_text("GPT-4o on Corr2Cause, two harnesses.\n")
+    shutil.copytree(nested.parent, traces / ".ipynb_checkpoints")
+    (traces / "run0.jsonl").symlink_to(traces / "moved-away.jsonl")
+
+
+def _traces(config: Path) -> Path:
+    return config.parent / ".tracesft" / "traces"
 
 
 @pytest.fixture(scope="module")
@@ -94,31 +116,34 @@ def first_run(workspace, tracking_uri) -> Run:
 
 @pytest.fixture(scope="module")
 def unchanged_run(workspace, first_run) -> Run:
-    """Run again on the inputs of `first_run`."""
-    return _retrain(workspace[1])
+    """Run again on the inputs of `first_run`, printing the text summary (as cron mails it)."""
+    return _retrain(workspace[1], as_json=False)
 
 
 @pytest.fixture(scope="module")
 def new_trace_file_run(workspace, unchanged_run) -> Run:
-    """Run again after a new trace file landed beside those of the earlier runs."""
-    root, config = workspace
-    jsonl = next((root / ".tracesft" / "traces").glob("*.jsonl"))
+    """Run again after a new trace file landed in a subfolder beside those of the earlier runs."""
+    _, config = workspace
+    jsonl = next((_traces(config) / "harness-b").glob("*.JSONL"))
     first = json.loads(jsonl.read_text().splitlines()[0])
     # A second, differently worded trace of a problem already there: it passes verification,
     # so the training data (and with it the adapter) changes.
     first["reasoning"] = "Restating the problem before reasoning about it.\n\n" + first["reasoning"]
-    (jsonl.parent / "gpt4o_corr2cause_run3.jsonl").write_text(json.dumps(first) + "\n")
+    (_traces(config) / "2026-11").mkdir()
+    (_traces(config) / "2026-11" / "gpt4o_corr2cause_run3.jsonl").write_text(json.dumps(first) + "\n")
     return _retrain(config)
 
 
-def _retrain(config: Path) -> Run:
-    """`tracesft retrain --traces <the workspace's traces> --config FILE --json` in a process of its own."""
-    traces = config.parent / ".tracesft" / "traces"
-    command = [str(Path(sys.executable).parent / "tracesft"), "retrain", "--traces", str(traces), "--config", str(config), "--json"]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+def _retrain(config: Path, as_json: bool = True) -> Run:
+    """`tracesft retrain --traces <the workspace's traces> --config FILE [--json]` in a process of its own."""
+    command = [str(Path(sys.executable).parent / "tracesft"), "retrain", "--traces", str(_traces(config)), "--config", str(config)]
+    done = subprocess.run(command + ["--json"] * as_json, cwd=REPO, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+    versions = list_versions(load_run_config(config).registry)
+    if not as_json:
+        return Run(None, done.stdout + done.stderr, versions, None)
     summary = json.loads(done.stdout[done.stdout.rindex('{\n  "run"'):])
-    return Run(summary, done.stdout + done.stderr, list_versions(load_run_config(config).registry), _model_version(summary["run"]))
+    return Run(summary, done.stdout + done.stderr, versions, _model_version(summary["run"]))
 
 
 def _model_version(run_name: str) -> dict:
@@ -149,6 +174,18 @@ def test_first_run_registers_a_challenger_with_lineage(workspace, first_run):
     decision = summary["promotion"]
     assert decision["promoted"] == (decision["finetuned_f1"] > decision["base_f1"])
 
+    traces = _traces(workspace[1])
+    ingestion = summary["ingestion"]
+    assert ingestion["files"] == 2 and ingestion["skipped_records"] == 1
+    [skipped] = ingestion["skipped_records_listed"]
+    nested = next((traces / "harness-b").glob("*.JSONL"))
+    assert (skipped["source"], skipped["locator"]) == (str(nested), f"line {len(nested.read_text().splitlines())}")
+    assert {i["path"]: i["reason"] for i in ingestion["ignored_files_listed"]} == {
+        str(traces / ".ipynb_checkpoints"): "hidden", str(traces / "README.md"): "wrong_extension",
+        str(traces / "run0.jsonl"): "dangling_link",
+    }
+    assert summary["sft_dataset"]["train"] == int(tags["train_examples"])  # what was trained on, said in the summary
+
     # The ZenML Model Control Plane tells the same story as the registry.
     model_version = first_run.model_version
     assert model_version["name"] == MODEL_NAME
@@ -160,14 +197,24 @@ def test_first_run_registers_a_challenger_with_lineage(workspace, first_run):
     assert metadata["metrics"]["finetuned_f1"] == decision["finetuned_f1"]
 
 
-def test_unchanged_inputs_are_served_from_cache(unchanged_run):
-    assert set(unchanged_run.summary["steps"].values()) == {"cached"}
-    assert not unchanged_run.summary["new_version"]
+def test_unchanged_inputs_are_served_from_cache(workspace, unchanged_run):
+    """The text summary: a fully cached run still says what its data left out."""
+    text = unchanged_run.printed
+    steps = re.search(r"(\d+) of (\d+) steps cached", text)
+    assert steps and steps[1] == steps[2]
+    assert "Nothing new registered: inputs unchanged, version 1 still stands." in text
     assert [v["version"] for v in unchanged_run.versions] == ["1"]
+    traces = _traces(workspace[1])
+    assert re.search(r"Ingested (\d+) of (\d+) records from 2 file\(s\); 1 unreadable record\(s\) skipped", text)
+    assert f"  {next((traces / 'harness-b').glob('*.JSONL'))} (line " in text and "not valid JSON" in text
+    assert "3 path(s) in the traces folders not read:" in text
+    assert f"  {traces / 'README.md'}: wrong_extension\n" in text and f"  {traces / 'run0.jsonl'}: dangling_link\n" in text
+    assert re.search(r"SFT dataset: \d+ train, \d+ validation records\.", text)
 
 
-def test_a_new_trace_file_reruns_from_ingest(new_trace_file_run):
+def test_a_new_trace_file_in_a_subfolder_reruns_from_ingest(new_trace_file_run):
     assert all(status == "completed" for status in new_trace_file_run.summary["steps"].values())
+    assert new_trace_file_run.summary["ingestion"]["files"] == 3
     versions = new_trace_file_run.versions
     assert [v["version"] for v in versions] == ["2", "1"]
     assert "challenger" in versions[0]["aliases"] and "challenger" not in versions[1]["aliases"]

@@ -180,6 +180,7 @@ def _run_and_report(config: Path, as_json: bool, shown_config: Path) -> int:
         return 0
     cached = sum(1 for status in summary["steps"].values() if status == "cached")
     print(f"\nRun {summary['run']}: {summary['status']}, {cached} of {len(summary['steps'])} steps cached.")
+    _print_data_summary(summary)
     if "registered" in summary:
         registered, decision = summary["registered"], summary["promotion"]
         if summary["new_version"]:
@@ -202,6 +203,29 @@ def _run_and_report(config: Path, as_json: bool, shown_config: Path) -> int:
     prefix = f"ZENML_CONFIG_PATH={zenml_config} " if zenml_config else ""
     print(f"  ZenML dashboard:  {prefix}zenml login --local   (runs: {prefix}zenml pipeline runs list)")
     return 0
+
+
+def _print_data_summary(summary: dict) -> None:
+    """What the run's training data was made of, and every record and file it left out."""
+    if "ingestion" in summary:
+        ingestion = summary["ingestion"]
+        skipped, ignored = ingestion["skipped_records"], ingestion["ignored_files"]
+        print(f"Ingested {ingestion['records']} of {ingestion['records'] + skipped} records from {ingestion['files']} file(s)"
+              + (f"; {skipped} unreadable record(s) skipped (on_bad_record: skip):" if skipped else "."))
+        # Each message already names its file and line or record.
+        _print_listed([s["error"] for s in ingestion.get("skipped_records_listed", [])], skipped)
+        if ignored:
+            print(f"{ignored} path(s) in the traces folders not read:")
+            _print_listed([f"{i['path']}: {i['reason']}" for i in ingestion.get("ignored_files_listed", [])], ignored)
+    if "sft_dataset" in summary:
+        print(f"SFT dataset: {summary['sft_dataset']['train']} train, {summary['sft_dataset']['validation']} validation records.")
+
+
+def _print_listed(lines: list[str], total: int) -> None:
+    for line in lines:
+        print(f"  {line}")
+    if total > len(lines):
+        print(f"  ... and {total - len(lines)} more: all are listed in the run's sft_dataset_summary and raw_traces artifacts.")
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
@@ -248,6 +272,7 @@ def _verify_traces(args: argparse.Namespace) -> int:
         "kept": len(result.kept.records),
         "rejected": result.rejected_by_reason(),
         "skipped": [{"where": f"{s.source} ({s.locator})", "error": s.error} for s in batch.skipped],
+        "ignored": [i.model_dump() for i in batch.ignored],
         "content_hash": batch.content_hash,
         "rejections": [{"where": r.record.where, "reason": r.reason, "detail": r.detail} for r in result.rejected],
     }
@@ -261,6 +286,10 @@ def _verify_traces(args: argparse.Namespace) -> int:
             print(f"{len(batch.skipped)} unreadable record(s) skipped:")
             for skipped in report["skipped"]:
                 print(f"  {skipped['where']}: {skipped['error']}")
+        if batch.ignored:
+            print(f"{len(batch.ignored)} path(s) in the given folders not read:")
+            for ignored in batch.ignored:
+                print(f"  {ignored.path}: {ignored.reason}")
     return 0
 
 

@@ -2,25 +2,37 @@
 
 Accepted: a JSON list of records, a JSON object holding the list under `predictions` or
 `results` (its other fields are kept as run metadata), or JSONL; any mix of files and
-directories (a directory contributes its `*.json` and `*.jsonl` files, so new result files can
-simply be dropped into it). Field names differ between harnesses, hence the aliases below and a
-user mapping for anything else. A record that cannot be read stops ingestion with a message that
-names the file, the record and the field: silently dropping it would bias the training data. Where
-one broken line in a large JSONL file should not block a run, `on_bad_record="skip"` skips such
-records instead, and every skipped one is listed in the batch (file, line or record, and why), so
-it is reported, never silently lost. Whole-file problems (missing, empty, not JSON at all) always
-stop ingestion. JSONL files are streamed line by line, so a large file never sits in memory twice.
+folders. A folder means what a user means by "this folder": every `*.json` and `*.jsonl` file
+in it or any subfolder, the extension in any case (`.JSONL` too), in sorted order so a run is
+reproducible; symbolic links are followed, each file is read once however many paths lead to it.
+Hidden entries (`.git`, `.ipynb_checkpoints`), other extensions (`README.md`), dangling links,
+link loops and entries that cannot be opened are not read, and every one of them is listed with
+its reason in `TraceBatch.ignored`: a trace file that was never read must not look like one that
+held no traces. A path given explicitly is read whatever its extension, and a missing one stops
+ingestion.
+
+Field names differ between harnesses, hence the aliases below and a user mapping for anything
+else. A record that cannot be read stops ingestion with a message that names the file, the
+record and the field: silently dropping it would bias the training data. Where one broken line
+in a large JSONL file should not block a run, `on_bad_record="skip"` skips such records instead,
+and every skipped one is listed in the batch (file, line or record, and why), so it is reported,
+never silently lost. Whole-file problems (empty, not JSON at all) always stop ingestion. JSONL
+files are streamed line by line, so a large file never sits in memory twice.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from tracesft.errors import TracesftError
-from tracesft.data.traces import SkippedRecord, TraceBatch, TraceRecord
+from tracesft.data.traces import IgnoredFile, IgnoreReason, SkippedRecord, TraceBatch, TraceRecord
 
 OnBadRecord = Literal["error", "skip"]
 
@@ -32,38 +44,130 @@ FIELD_ALIASES: dict[str, tuple[str, ...]] = {
     "flagged_correct": ("correct", "is_correct"),
 }
 REQUIRED_FIELDS = ("query", "trace", "gold")
-RESULT_FILE_SUFFIXES = (".json", ".jsonl")
+RESULT_FILE_SUFFIXES = (".json", ".jsonl")  # compared in lower case
 _LIST_KEYS = ("predictions", "results")
 _GOLD_WORDS = {"1": 1, "yes": 1, "true": 1, "valid": 1, "0": 0, "no": 0, "false": 0, "invalid": 0}
 
 
-def discover_result_files(paths: list[str]) -> list[Path]:
-    """Expand directories into their result files, sorted, so the order is reproducible."""
-    files: list[Path] = []
+@dataclass(frozen=True)
+class ResultFile:
+    """A file ingestion reads, and the name the content hash records for it."""
+
+    path: Path
+    name: str  # the path below the folder it was found in (the file name if given itself)
+    identity: tuple[int, int]  # device and inode of what the path leads to: read each file once
+
+
+@dataclass(frozen=True)
+class Discovery:
+    files: list[ResultFile]
+    ignored: list[IgnoredFile]
+
+
+def discover_result_files(paths: list[str]) -> Discovery:
+    """The files to read, in a reproducible order, and every path inside a folder left unread, with why."""
+    files: list[ResultFile] = []
+    ignored: list[IgnoredFile] = []
+    read: set[tuple[int, int]] = set()
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in RESULT_FILE_SUFFIXES)
-            if not found:
-                raise TracesftError(f"{path}: directory holds no *.json or *.jsonl result files.")
-            files.extend(found)
+            candidates = list(_walk_folder(path, ignored))
+            if not candidates:
+                raise TracesftError(_no_result_files(path, ignored))
         elif path.is_file():
-            files.append(path)
+            candidates = [ResultFile(path, path.name, _identity(path.stat()))]
+        elif path.is_symlink():
+            raise TracesftError(f"{path}: a symbolic link that leads nowhere (its target is missing, or it loops); "
+                                "fix the link or the `traces` setting.")
         else:
             raise TracesftError(f"{path}: no such file or directory (check the `traces` setting).")
-    return files
+        for candidate in candidates:
+            if candidate.identity in read:
+                ignored.append(IgnoredFile(path=str(candidate.path), reason="already_read"))
+            else:
+                read.add(candidate.identity)
+                files.append(candidate)
+    return Discovery(files=files, ignored=ignored)
+
+
+def _walk_folder(root: Path, ignored: list[IgnoredFile]) -> Iterator[ResultFile]:
+    """Depth first, entries sorted by name; a folder already on the way down is a link loop."""
+
+    def walk(folder: Path, ancestors: frozenset[tuple[int, int]]) -> Iterator[ResultFile]:
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as err:
+            if folder == root:
+                raise TracesftError(f"{root}: cannot list the folder ({err.strerror}); check its permissions.") from None
+            ignored.append(IgnoredFile(path=str(folder), reason="unreadable"))
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                status: os.stat_result | OSError = path.stat()  # follows a link, as a user means it
+            except OSError as err:
+                status = err
+            reason = _unread_reason(entry, status, ancestors)
+            if reason is not None:
+                ignored.append(IgnoredFile(path=str(path), reason=reason))
+            elif stat.S_ISDIR(status.st_mode):
+                yield from walk(path, ancestors | {_identity(status)})
+            else:
+                yield ResultFile(path, path.relative_to(root).as_posix(), _identity(status))
+
+    yield from walk(root, frozenset({_identity(root.stat())}))
+
+
+def _unread_reason(
+    entry: os.DirEntry, status: os.stat_result | OSError, ancestors: frozenset[tuple[int, int]]
+) -> IgnoreReason | None:
+    """Why an entry of a folder is not read; None for a subfolder to walk or a result file to read."""
+    if entry.name.startswith("."):
+        return "hidden"
+    if isinstance(status, OSError):
+        if status.errno == errno.ELOOP:
+            return "link_loop"
+        return "dangling_link" if entry.is_symlink() and status.errno == errno.ENOENT else "unreadable"
+    if stat.S_ISDIR(status.st_mode):
+        return "link_loop" if _identity(status) in ancestors else None
+    if not stat.S_ISREG(status.st_mode):
+        return "not_a_regular_file"
+    if Path(entry.name).suffix.lower() not in RESULT_FILE_SUFFIXES:
+        return "wrong_extension"
+    return None if os.access(entry.path, os.R_OK) else "unreadable"
+
+
+def _identity(status: os.stat_result) -> tuple[int, int]:
+    return status.st_dev, status.st_ino
+
+
+def _no_result_files(folder: Path, ignored: list[IgnoredFile]) -> str:
+    inside = [i for i in ignored if Path(i.path).is_relative_to(folder)]
+    shown = ", ".join(f"{Path(i.path).relative_to(folder)} ({i.reason})" for i in inside[:5])
+    more = f" and {len(inside) - 5} more" if len(inside) > 5 else ""
+    return (f"{folder}: holds no result files (*.json or *.jsonl in any case, in it or any subfolder)"
+            + (f"; ignored: {shown}{more}." if inside else ".")
+            + " Put the GPT result files there, or point `traces` at them.")
 
 
 def content_hash(paths: list[str]) -> str:
-    """SHA-256 over the names and bytes of the result files: the cache key of ingestion.
+    """SHA-256 over the names and bytes of the result files: the cache key of ingestion."""
+    return _digest(discover_result_files(paths).files)
+
+
+def _digest(files: list[ResultFile]) -> str:
+    """Covers exactly the files ingestion reads, each under its path below its folder.
 
     File times are deliberately left out, so touching a file reruns nothing, while any change
-    of content (or a new file in a watched directory) does.
+    of content, a new file anywhere below a watched folder, or a file moved between subfolders
+    does. Ignored entries (a README, a hidden folder, a dangling link) are not read and change nothing.
     """
     digest = hashlib.sha256()
-    for file in discover_result_files(paths):
+    for file in files:
         digest.update(file.name.encode())
-        with file.open("rb") as handle:
+        with file.path.open("rb") as handle:
             digest.update(hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()
 
@@ -81,14 +185,14 @@ def ingest(paths: list[str], field_map: dict[str, str] | None = None, on_bad_rec
         )
     if on_bad_record not in ("error", "skip"):
         raise TracesftError(f"on_bad_record: {on_bad_record!r} is not one of 'error', 'skip'.")
-    files = discover_result_files(paths)
+    discovery = discover_result_files(paths)
     records: list[TraceRecord] = []
     skipped: list[SkippedRecord] = []
     metadata: dict[str, dict] = {}
-    for file in files:
+    for file in (result.path for result in discovery.files):
         if file.stat().st_size == 0:
             raise TracesftError(f"{file}: the file is empty; remove it or write its records into it.")
-        raw_records, file_metadata = _jsonl_records(file) if file.suffix == ".jsonl" else _read_json_file(file)
+        raw_records, file_metadata = _jsonl_records(file) if file.suffix.lower() == ".jsonl" else _read_json_file(file)
         if file_metadata:
             metadata[str(file)] = file_metadata
         found = 0
@@ -106,10 +210,11 @@ def ingest(paths: list[str], field_map: dict[str, str] | None = None, on_bad_rec
             raise TracesftError(f"{file}: holds no records (only blank lines or an empty list).")
     return TraceBatch(
         records=records,
-        content_hash=content_hash(paths),
-        files=[str(f) for f in files],
+        content_hash=_digest(discovery.files),
+        files=[str(result.path) for result in discovery.files],
         run_metadata=metadata,
         skipped=skipped,
+        ignored=discovery.ignored,
     )
 
 

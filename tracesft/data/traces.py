@@ -7,6 +7,8 @@ file and record the user has to look at.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel
 
 
@@ -32,6 +34,20 @@ class SkippedRecord(BaseModel):
     error: str
 
 
+# Why a path found inside a traces folder was not read. `already_read`: another path (a link, or
+# the same file given twice) led to a file that was read; the others name what the path was.
+IgnoreReason = Literal[
+    "wrong_extension", "hidden", "dangling_link", "link_loop", "already_read", "not_a_regular_file", "unreadable"
+]
+
+
+class IgnoredFile(BaseModel):
+    """A path inside a traces folder that ingestion did not read, kept so that no file is left out unseen."""
+
+    path: str
+    reason: IgnoreReason
+
+
 class TraceBatch(BaseModel):
     """All records of one ingestion, with a content hash of the inputs that produced them."""
 
@@ -40,6 +56,7 @@ class TraceBatch(BaseModel):
     files: list[str]
     run_metadata: dict[str, dict] = {}  # per file: the non-list fields of a JSON results object
     skipped: list[SkippedRecord] = []  # unreadable records skipped on request, each reported
+    ignored: list[IgnoredFile] = []  # paths inside the traces folders that were not read, each with why
 
 
 class RejectedTrace(BaseModel):
