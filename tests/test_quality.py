@@ -6,6 +6,7 @@ into the traces are removed and reported (failing only when too few are left).""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from tracesft.data.ingest import ingest
 from tracesft.data.quality import (
     Baseline,
     QualityReport,
+    coverage_template,
     log_report_to_mlflow,
     previous_accepted_profile,
     report_html,
@@ -59,6 +61,15 @@ def generated_eval() -> list[EvalProblem]:
 def clean() -> list[dict]:
     """93 right answers over 4-6 variables and every template, 30% of them valid."""
     return predictions(problems(93, seed=1))
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory):
+    """One sqlite MLflow store for the module (creating one costs seconds); tests use their own experiments."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+    yield
+    patch.undo()
 
 
 @pytest.fixture
@@ -126,6 +137,25 @@ def test_the_same_data_again_pass_the_drift_checks(gate, clean) -> None:
 def test_too_few_traces_names_the_count_the_minimum_and_the_key(gate, clean) -> None:
     message = only_failure(gate(two_files(clean), QualitySettings(min_traces=1000)), "traces")
     assert message == "quality gate: verified traces 93 is below 1000 (quality.min_traces)"
+
+
+def test_no_verified_traces_fail_the_count_and_skip_what_needs_traces(tokenizer, generated_eval, clean, tmp_path: Path) -> None:
+    wrong = [r | {"response": r["response"].replace("Answer: No", "Answer: Yes"), "prediction": "Yes", "correct": False}
+             for r in clean if r["label"] == 0]
+    kept = verify(ingest([str(write_traces(tmp_path, {"gpt.jsonl": wrong}))])).kept
+    report = validate_traces(kept, tokenizer, 4096, generated_eval)
+    templates = sorted(Counter(coverage_template(p.template) for p in generated_eval).items())
+    variable_counts = sorted(Counter(p.num_variables for p in generated_eval).items())
+    assert [o.message() for o in report.failures()] == [
+        "quality gate: verified traces 0 is below 1 (quality.min_traces)",
+        "quality gate: fewest traces of an eval relation template 0 is below 1 (quality.min_traces_per_template): "
+        + ", ".join(f"{t}: 0 traces (eval set: {n})" for t, n in templates),
+        "quality gate: fewest traces of an eval variable count 0 is below 1 (quality.min_traces_per_variable_count): "
+        + ", ".join(f"{v} variables: 0 traces (eval set: {n})" for v, n in variable_counts),
+    ]
+    assert {o.id for o in report.outcomes if o.skipped == "no verified traces"} == set(ALL_CHECKS) - {
+        "traces", "template_coverage", "variable_count_coverage", "held_out_eval"
+    }
 
 
 def test_traces_over_max_seq_length(gate, clean) -> None:
@@ -246,10 +276,7 @@ def test_the_report_page_shows_every_check_with_its_value_and_bound(gate, clean)
     assert page.count("<td>skipped</td>") == 2 and page.count("<td>pass</td>") == len(ALL_CHECKS) - 3
 
 
-def test_the_drift_baseline_is_the_newest_accepted_report_in_the_experiment(
-    tokenizer, verified, eval_set, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_the_drift_baseline_is_the_newest_accepted_report_in_the_experiment(tokenizer, verified, eval_set, mlflow_store) -> None:
     registry = RegistrySettings(experiment_name="gate-baseline")
     assert previous_accepted_profile(registry) is None
     accepted = validate_traces(verified, tokenizer, 4096, eval_set)
@@ -262,10 +289,9 @@ def test_the_drift_baseline_is_the_newest_accepted_report_in_the_experiment(
     assert previous_accepted_profile(RegistrySettings(experiment_name="another-configuration")) is None
 
 
-def test_report_is_logged_to_mlflow(tokenizer, verified, eval_set, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_report_is_logged_to_mlflow(tokenizer, verified, eval_set, mlflow_store) -> None:
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     report = validate_traces(verified, tokenizer, 4096, eval_set + traced_as_eval(verified, 2))
     run_id = log_report_to_mlflow(report, RegistrySettings(experiment_name="quality-test"), {"zenml_run_name": "run-1"})
     run = mlflow.get_run(run_id)

@@ -226,8 +226,8 @@ class _Check:
     frame: str  # the name of the frame the expectation runs on
     expectation: Any
     settings: tuple[str, ...]
-    minimum: float | None = None  # the bound, in the terms of the reported value
-    maximum: float | None = None
+    minimum: int | float | None = None  # the bound, in the terms of the reported value
+    maximum: int | float | None = None
     read: Callable[[dict], float | None] = lambda result: result.get("observed_value")
     describe: Callable[[dict], str] = lambda result: ""
     skipped: str | None = None
@@ -322,8 +322,9 @@ def _checks(
     median = float(traces["token_length"].median()) if len(traces) else 0.0
     no_traces = None if len(traces) else "no verified traces"
     needed = max(settings.min_held_out_eval_problems, math.ceil(settings.min_held_out_eval_share * len(eval_problems)))
-    drift_skipped = no_traces or (None if baseline else "no previous accepted dataset: no data-quality run in this MLflow experiment has passed the gate")
-    previous = baseline.profile if baseline else None
+    drift_skipped = no_traces or (
+        None if baseline else "no previous accepted dataset: no data-quality run in this MLflow experiment has passed the gate"
+    )
 
     def unexpected_share(result: dict) -> float | None:
         percent = result.get("unexpected_percent")
@@ -420,6 +421,7 @@ def _checks(
             _Check("length_drift", "token-length KL divergence from the previous accepted dataset", "traces", None,
                    ("quality.max_length_kl_divergence",), skipped=drift_skipped),
         ]
+    previous = baseline.profile
     low = max(0.0, previous.valid_share - settings.max_valid_share_drift)
     high = min(1.0, previous.valid_share + settings.max_valid_share_drift)
     previous_median = float(np.median(previous.token_lengths))
