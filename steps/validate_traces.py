@@ -33,7 +33,8 @@ def validate_traces(
     The drift checks compare against the last dataset the gate accepted in this configuration's
     MLflow experiment. The report is logged to MLflow as a run of its own (tagged with this ZenML
     run) before any verdict is acted on, so a failed gate leaves its evidence in MLflow too, and a
-    passed one becomes the next run's drift baseline.
+    passed one becomes the next run's drift baseline. The baseline is not part of the cache key:
+    a cached step keeps the verdict its inputs were first given.
     """
     tokenizer = load_tokenizer(base_model, base_model_revision)
     baseline = previous_accepted_profile(registry)

@@ -487,8 +487,8 @@ def report_html(report: QualityReport) -> str:
 
     def row(o: CheckOutcome) -> str:
         verdict, colour = ("skipped", "#5f6368") if o.skipped else ("pass", "#137333") if o.success else ("FAIL", "#b3261e")
-        observed = o.skipped or _number(o.observed, digits=3)
-        cells = [verdict, o.check, observed, o.bound(), ", ".join(o.settings), o.expectation or "", o.detail]
+        observed = "-" if o.skipped else _number(o.observed, digits=3)
+        cells = [verdict, o.check, observed, o.bound(), ", ".join(o.settings), o.expectation or "", o.skipped or o.detail]
         return f"<tr style='color:{colour}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
 
     verdict = "passed" if report.success else "FAILED"
