@@ -19,6 +19,7 @@ INGESTION_FIGURES = (
 def run_pipeline(config_path: Path) -> Any:
     """Run `sft_pipeline` with a run configuration file; returns ZenML's pipeline run."""
     from zenml import Model
+    from zenml.enums import ExecutionMode
 
     from pipelines.sft_pipeline import sft_pipeline
     from tracesft.config import load_run_config
@@ -27,7 +28,10 @@ def run_pipeline(config_path: Path) -> Any:
     # a console script (whose main module lives in the venv) resolves them the same way.
     source_utils.set_custom_source_root(str(REPO_ROOT))
     model = Model(name=load_run_config(config_path).registry.model_name)
-    return sft_pipeline.with_options(config_path=str(config_path), model=model)()
+    # Fail fast: the local orchestrator then re-raises the failing step's own exception, so a
+    # `TracesftError` (the quality gate's refusal, say) reaches the command line as its message
+    # rather than as "Pipeline run has failed due to failure in step(s): ...".
+    return sft_pipeline.with_options(config_path=str(config_path), model=model, execution_mode=ExecutionMode.FAIL_FAST)()
 
 
 def run_summary(run: Any) -> dict[str, Any]:

@@ -107,14 +107,40 @@ class TrainingRecipe(_Settings):
 
 
 class QualitySettings(_Settings):
-    """Thresholds of the data-quality gate (tracesft.data.quality)."""
+    """Thresholds of the data-quality gate (tracesft.data.quality); a failure names the key to change.
+
+    A share bound of 0 or 1 and a count of 0 turn its check off.
+    """
 
     min_traces: int = Field(1, ge=1)  # verified traces needed to train at all
     within_length_share: float = Field(1.0, gt=0.0, le=1.0)  # of traces that must fit max_seq_length
+    # The valid class (label 1): Corr2Cause's test split holds ~15%, so the bounds sit outside it;
+    # a one-class data set teaches the student to always answer the same.
+    min_valid_share: float = Field(0.10, ge=0.0, le=1.0)
+    max_valid_share: float = Field(0.90, ge=0.0, le=1.0)
+    # Every relation template and variable count of the eval set needs this many traces.
+    min_traces_per_template: int = Field(1, ge=0)
+    min_traces_per_variable_count: int = Field(1, ge=0)
+    # Traces longer than `long_trace_multiple` x the median token length: at most this share.
+    long_trace_multiple: float = Field(3.0, gt=1.0)
+    max_long_trace_share: float = Field(0.05, ge=0.0, le=1.0)
+    # Traces repeating an earlier one's reasoning once case, whitespace, punctuation, digits and
+    # variable names are normalised away: at most this share.
+    max_near_duplicate_share: float = Field(0.10, ge=0.0, le=1.0)
+    max_source_share: float = Field(0.80, gt=0.0, le=1.0)  # of the traces from any one file (with 2+ files)
+    # Drift against the last dataset the gate accepted in the same MLflow experiment.
+    max_valid_share_drift: float = Field(0.15, ge=0.0, le=1.0)
+    max_length_kl_divergence: float = Field(0.5, ge=0.0)  # token lengths, over that dataset's quintiles
     # Eval problems that also appear among the traces are removed from the eval set; the gate
     # fails only when too little held-out eval data is left, by count or by share.
     min_held_out_eval_problems: int = Field(1, ge=0)
     min_held_out_eval_share: float = Field(0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _valid_share_bounds_are_ordered(self) -> "QualitySettings":
+        if self.min_valid_share > self.max_valid_share:
+            raise ValueError("min_valid_share must not exceed max_valid_share")
+        return self
 
 
 class EvalSettings(_Settings):
