@@ -198,20 +198,20 @@ def previous_accepted_profile(settings: RegistrySettings) -> Baseline | None:
     """The profile of the newest dataset the gate accepted in this MLflow experiment, if any."""
     import mlflow
 
-    from tracesft.train.tracking import use_tracking
+    from tracesft.train.tracking import mlflow_tracking
 
-    experiment_id = use_tracking(settings)
-    runs = mlflow.search_runs(
-        experiment_ids=[experiment_id],
-        filter_string="tags.`tracesft.kind` = 'data_quality' and metrics.quality_success = 1",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
-    if not runs:
-        return None
-    run = runs[0]
-    profile = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{REPORT_JSON}").get("profile")
+    with mlflow_tracking(settings) as experiment_id:
+        runs = mlflow.search_runs(
+            experiment_ids=[experiment_id],
+            filter_string="tags.`tracesft.kind` = 'data_quality' and metrics.quality_success = 1",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+            output_format="list",
+        )
+        if not runs:
+            return None
+        run = runs[0]
+        profile = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{REPORT_JSON}").get("profile")
     if profile is None:  # logged before reports carried a profile
         return None
     return Baseline(profile=DataProfile(**profile), source=f"MLflow run {run.info.run_id} ({run.info.run_name})")
