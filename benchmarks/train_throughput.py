@@ -405,6 +405,8 @@ def run(paths: tuple[TrainingPath, ...], workloads: tuple[str, ...], steps: int,
         if tiny:
             recipe = recipe.model_copy(update={"max_seq_length": recipe.max_seq_length // scale,
                                                "packing_length": recipe.packing_length // scale})
+        if any(path.uses_liger(recipe, device) for path in paths):
+            import liger_kernel.transformers  # noqa: F401  (a broken install fails here, not after the seed's runs)
         tokenizer = benchmark_tokenizer(scratch)
         base_model, base = write_random_base(scratch, qwen2_config(tiny, layers), tokenizer, recipe, device)
         print(f"{card}: random base written {base}", flush=True)
