@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from eval_throughput import build_seed_model, qwen2_config  # noqa: E402
+from random_32b import build_seed_model, qwen2_config  # noqa: E402
 
 from tracesft.config import EvalSettings, TrainingRecipe  # noqa: E402
 from tracesft.generate import engine as engine_module  # noqa: E402

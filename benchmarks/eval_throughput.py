@@ -52,6 +52,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from random_32b import build_seed_model, qwen2_config  # noqa: E402
 
 from tracesft.config import EvalSettings, TrainingRecipe  # noqa: E402
 from tracesft.data.prompting import build_prompt  # noqa: E402
@@ -65,74 +68,6 @@ from tracesft.train.tiny_model import build_tiny_model  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 LOGITS_TOLERANCE = 2e-2
 SEED_BATCH = 64
-
-
-def qwen2_config(tiny: bool, layers: int) -> Any:
-    from transformers import Qwen2Config
-
-    if tiny:
-        sizes = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096)
-    else:  # DeepSeek-R1-Distill-Qwen-32B
-        sizes = dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=layers, num_attention_heads=40,
-                     num_key_value_heads=8, vocab_size=152064, max_position_embeddings=131072)
-    config = Qwen2Config(**sizes, rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    config._attn_implementation = "sdpa"
-    return config
-
-
-def build_seed_model(config: Any, device: torch.device, dtype: torch.dtype, recipe: TrainingRecipe, seed: int) -> nn.Module:
-    """The architecture on the meta device, each linear layer quantised to NF4 as it is materialised,
-    then the recipe's LoRA with random B (a trained adapter is not zero)."""
-    import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2ForCausalLM
-
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape: int, std: float = 0.02) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, device=device, dtype=dtype) * std
-
-    # Residual-branch outputs scaled by 1/sqrt(2 x layers), as GPT-2 and Megatron initialise them:
-    # with 0.02 everywhere a random 64-layer stack is chaotic, and bf16 rounding differences between
-    # any two kernels grow to ~10% of the logits (the seed path against itself, too).
-    residual_std = 0.02 / (2 * config.num_hidden_layers) ** 0.5
-
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
-    for layer in model.model.layers:
-        for parent in layer.modules():
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    quantized = bnb.nn.Linear4bit(
-                        child.in_features, child.out_features, bias=child.bias is not None, compute_dtype=dtype,
-                        compress_statistics=recipe.use_double_quant, quant_type=recipe.bnb_4bit_quant_type, device="meta",
-                    )
-                    quantized.weight = bnb.nn.Params4bit(
-                        randn(child.out_features, child.in_features, std=residual_std if name in ("o_proj", "down_proj") else 0.02),
-                        requires_grad=False,
-                        compress_statistics=recipe.use_double_quant, quant_type=recipe.bnb_4bit_quant_type,
-                    ).to(device)
-                    if child.bias is not None:
-                        quantized.bias = nn.Parameter(randn(child.out_features), requires_grad=False)
-                    setattr(parent, name, quantized)
-    for module in model.modules():
-        for name, parameter in list(module.named_parameters(recurse=False)):
-            if parameter.is_meta:
-                value = torch.ones(parameter.shape, device=device, dtype=dtype) if "norm" in type(module).__name__.lower() else randn(*parameter.shape)
-                setattr(module, name, nn.Parameter(value, requires_grad=False))
-    with torch.device(device):  # its buffers are computed, not loaded; the signature varies across versions
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                      target_modules=recipe.target_modules, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.requires_grad_(False)
-                parameter.copy_(torch.randn(parameter.shape, generator=generator, device=device, dtype=torch.float32).to(parameter.dtype) * 0.02)
-    return model.eval()
 
 
 def evaluation_workload(test_csv: Path, requests: int | None, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -4,8 +4,8 @@ For each strategy of `tracesft.train.distributed` (ddp, fsdp_qlora) it trains on
 launched with the very `accelerate launch` command the training step uses
 (`tracesft.train.distributed.launch_command`), and reports tokens/s, scaling (2 GPUs / 1 GPU, same
 strategy) and whether the loss curves agree. Weights are random (speed and memory do not depend
-on their values; no hub is needed): the model is built on the meta device and each linear layer
-quantised to NF4 on its GPU, with the 4-bit data stored in bf16 for FSDP. The rest is the seed
+on their values; no hub is needed): `random_32b.random_base`, each linear layer quantised to NF4
+on its GPU, with the 4-bit data stored in bf16 for FSDP. The rest is the seed
 recipe as the Trainer runs it: LoRA r16/a32 on all
 seven projections, gradient checkpointing (non-reentrant), bf16 autocast, paged 8-bit AdamW,
 batch 1 per device, DDP with `find_unused_parameters` (what the Trainer picks for a PEFT model),
@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -37,16 +36,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from random_32b import qwen2_config, random_base  # noqa: E402
 
 from tracesft.config import DistributedSettings, TrainingRecipe  # noqa: E402
 from tracesft.train.distributed import launch_command, worker_environment  # noqa: E402
+from tracesft.train.modeling import quantization_config  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-QWEN_32B = dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
-                num_key_value_heads=8, vocab_size=152064, max_position_embeddings=131072, rope_theta=1e6,
-                rms_norm_eps=1e-5, tie_word_embeddings=False)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=1024, max_position_embeddings=4096, tie_word_embeddings=False)
 
 
 def main() -> None:
@@ -111,7 +109,7 @@ def benchmark(args: argparse.Namespace) -> None:
         "device": device,
         "gpus": 1 if use_cpu else torch.cuda.device_count(),
         "date": datetime.date.today().isoformat(),
-        "model": "tiny Qwen2 (hidden 64, 2 layers)" if args.tiny else "DeepSeek-R1-Distill-Qwen-32B architecture, random NF4 weights",
+        "model": "tiny Qwen2 (hidden 128, 2 layers)" if args.tiny else "DeepSeek-R1-Distill-Qwen-32B architecture, random NF4 weights",
         "seq": args.seq,
         "global_batch": args.global_batch,
         "steps": args.steps,
@@ -168,7 +166,13 @@ def worker(args: argparse.Namespace) -> None:
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    model = build_model(args.tiny, fsdp, accelerator.device)
+    config = qwen2_config(args.tiny)
+    # Every rank seeds the same generator, so all ranks build identical weights (DDP and FSDP
+    # broadcast parameters from rank 0, but not the 4-bit quantisation statistics). NF4 as the
+    # recipe's loader quantises for this strategy (bf16 storage for FSDP).
+    model = random_base(config, accelerator.device, torch.float32 if args.tiny else torch.bfloat16,
+                        None if args.tiny else quantization_config(recipe, "cuda"),
+                        torch.Generator(device=accelerator.device).manual_seed(0))
     load_s = time.time() - t0
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -199,8 +203,7 @@ def worker(args: argparse.Namespace) -> None:
 
     # The same global batch every step: sequences [rank * accumulation, (rank + 1) * accumulation).
     generator = torch.Generator().manual_seed(1234)
-    vocab = (TINY if args.tiny else QWEN_32B)["vocab_size"]
-    batch = torch.randint(0, vocab, (args.global_batch, args.seq), generator=generator)
+    batch = torch.randint(0, config.vocab_size, (args.global_batch, args.seq), generator=generator)
     mine = batch[rank * accumulation:(rank + 1) * accumulation].to(accelerator.device)
 
     model.train()
@@ -234,57 +237,6 @@ def worker(args: argparse.Namespace) -> None:
         }))
     accelerator.wait_for_everyone()
     accelerator.end_training()
-
-
-def build_model(tiny: bool, fsdp: bool, device):
-    """Qwen2 with random weights on `device`: fp32 and unquantised for --tiny, else NF4 linears.
-
-    Every rank seeds the same generator, so all ranks build identical weights (DDP and FSDP
-    broadcast parameters from rank 0, but not the 4-bit quantisation statistics).
-    """
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    if tiny:
-        return Qwen2ForCausalLM(Qwen2Config(**TINY)).to(device)
-
-    import bitsandbytes as bnb
-    import torch.nn as nn
-
-    storage = torch.bfloat16 if fsdp else torch.uint8
-    config = Qwen2Config(**QWEN_32B, dtype=torch.bfloat16)
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
-
-    def quantise(parent):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                          quant_storage=storage, device="meta")
-                weight = torch.randn(child.out_features, child.in_features, dtype=torch.bfloat16, device=device) * 0.02
-                # `module=` keeps the quantisation state on the layer too, where bitsandbytes finds it
-                # again after FSDP has flattened the weight into a plain tensor.
-                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4",
-                                                 quant_storage=storage, module=layer).to(device)
-                if child.bias is not None:
-                    layer.bias = nn.Parameter(torch.zeros(child.out_features, dtype=torch.bfloat16, device=device),
-                                              requires_grad=False)
-                setattr(parent, name, layer)
-            else:
-                quantise(child)
-
-    quantise(model.model.layers)
-    for module in model.modules():
-        for name, parameter in list(module.named_parameters(recurse=False)):
-            if parameter.is_meta:
-                is_norm = "norm" in type(module).__name__.lower()
-                value = (torch.ones if is_norm else torch.randn)(parameter.shape, dtype=torch.bfloat16, device=device)
-                setattr(module, name, nn.Parameter(value if is_norm else value * 0.02, requires_grad=False))
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config, device=device)
-    return model
 
 
 def synchronize(accelerator) -> None:

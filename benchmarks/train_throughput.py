@@ -1,159 +1,290 @@
-"""QLoRA training throughput: the seed's path against the project's, on the 32B architecture, one GPU.
+"""QLoRA training throughput of the shipped training function against the seed's setup, on the 32B architecture.
 
-Both paths train the same LoRA (r 16, alpha 32, dropout 0.05, all seven projections) on the same
-4-bit NF4 base (double quantisation, bf16 compute) with gradient checkpointing and paged 8-bit
-AdamW, and take an optimizer step every 8 examples (the seed's batch 1 x accumulation 8):
+- project: `tracesft.train.distributed.train`, the function the `train_adapter` step calls, with
+  the production recipe (`TrainingRecipe()` defaults) on device cuda: examples packed into rows of
+  at most 8,192 tokens with attention kept inside each example (varlen kernel), Liger's RMSNorm,
+  SwiGLU and RoPE, and what TRL's `SFTTrainer` itself does to a 4-bit base (LoRA weights in bf16,
+  its chunked LM head, which never builds the 152k-wide logits).
+- seed: TRL's `SFTTrainer` as the seed's script configures it: batch 1, gradient accumulation 8,
+  no packing, SDPA attention, paged 8-bit AdamW, bf16, gradient checkpointing, the recipe's LoRA,
+  learning rate and schedule. The same TRL, so it gets the same bf16 LoRA and LM head.
 
-- seed: HF + PEFT + bitsandbytes as the seed runs them: one example per forward, no packing,
-  SDPA attention, LoRA weights in fp32 under bf16 autocast (what the HF Trainer does with
-  `bf16=True`).
-- project: what `tracesft.train.training` runs on CUDA: the step's 8 examples packed into as few rows
-  as `packing_length` allows (`tracesft.train.packing.packed_row_plan`, best-fit decreasing), attention
-  kept inside each example (`tracesft.train.packing`, varlen flash kernel), Liger kernels (RMSNorm,
-  SwiGLU, RoPE, fused linear cross-entropy: the 152k-vocabulary logits are never materialised;
-  the pipeline gets that from TRL's own chunked LM head, which TRL uses in place of Liger's),
-  LoRA weights in bf16 (as TRL sets them for a quantised base), under the same bf16 autocast the
-  Trainer applies (with every weight already bf16, its casts are no-ops).
+Both load the base with the shipped loader and train on the same examples. The base has random
+weights (speed and memory do not depend on them; `random_32b`), quantised to NF4 as the recipe
+says and written once into the recipe's `quantized_base_cache`, beside a base directory holding
+the 32B's config.json and the tiny model's tokenizer (the token ids are arbitrary anyway): the
+shipped `load_base_model` then loads it as it would a real checkpoint's cache.
 
-The weights are random (speed and memory do not depend on their values): the model is built on
-the meta device and quantised layer by layer on the GPU in seconds.
-Workloads: (a) lengths drawn log-normally, median
-1,200 tokens, sigma 0.5, clipped to [256, 4096], fixed seed; (b) every example 4,096 tokens.
-Reported: real tokens/s (every token is a real one: neither path pads), peak GiB, the ratios, and
-the loss of both paths on the same examples before any update (LoRA B starts at zero, so both see
-the same function). Then the 4-bit base's save/load round trip (`tracesft.train.modeling`'s cache).
+Nothing of the training loop is copied: a `TrainerCallback` asks each Trainer for its own
+evaluation before the first update (the loss check), lets one optimizer step pass as a warm-up
+(allocations, paged optimizer state, Triton compilation), times the next `--steps` and stops.
+Workloads: (a) lengths drawn log-normally, median 1,200 tokens, sigma 0.5, clipped to
+[256, 4096], fixed seed; (b) every example 4,096 tokens. Reported: real tokens/s (the Trainer's
+non-padding count; neither path pads), peak GiB, the ratios, and both paths' loss on the same 8
+held-out examples of one length before any update (LoRA B starts at zero, so both compute the
+base's function; one length makes per-row and per-example means the same estimator).
 
-    python benchmarks/train_throughput.py            # on one H100: writes benchmarks/results/train_throughput.json
-    python benchmarks/train_throughput.py --tiny     # CPU plumbing check with a 2-layer model; writes nothing
+`--ablations` runs, on workload (a), the production path with one piece taken out at a time, to
+give each piece's share: packing (and with it the varlen attention, which only packed rows use),
+the varlen attention (packed rows on SDPA with transformers' block-diagonal mask), Liger's layers,
+bf16 LoRA (back to fp32 under bf16 autocast, as PEFT makes them and the seed's TRL kept them).
 
-On the GPU the whole run takes about 5 minutes; each configuration is timed over a few optimizer
-steps after a warm-up step (which also absorbs Triton compilation).
+    python benchmarks/train_throughput.py               # one H200, ~6 min: results/train_throughput.json
+    python benchmarks/train_throughput.py --ablations   # one H200, ~6 min: results/train_throughput_ablations.json
+    python benchmarks/train_throughput.py --tiny        # CPU plumbing check, tiny Qwen2: *_tiny.json (git-ignored)
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
+import hashlib
 import json
+import logging
 import math
 import os
+import random
 import shutil
+import string
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn as nn
+from transformers import AttentionInterface, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tracesft.train.packing import VARLEN_ATTENTION, _torch_varlen, packed_row_plan, register_varlen_attention  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-EXAMPLES_PER_STEP = 8  # the seed recipe: batch 1 x gradient accumulation 8
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
+from random_32b import qwen2_config, random_base  # noqa: E402
 
+from tracesft.config import Device, TrainingRecipe  # noqa: E402
+from tracesft.data.sample_data import tokenizer_corpus  # noqa: E402
+from tracesft.data.sft_dataset import SFTDataset  # noqa: E402
+from tracesft.data.traces import TraceRecord  # noqa: E402
+from tracesft.train.distributed import train  # noqa: E402
+from tracesft.train.modeling import (  # noqa: E402
+    load_base_model,
+    load_tokenizer,
+    quantization_config,
+    quantized_base_path,
+    save_quantized_base,
+)
+from tracesft.train.packing import VARLEN_ATTENTION, varlen_attention_forward  # noqa: E402
+from tracesft.train.tiny_model import build_tiny_model  # noqa: E402
+from tracesft.train.training import tokenize_record, tokenized_rows  # noqa: E402
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="CPU plumbing check with a 2-layer model; writes nothing")
-    parser.add_argument("--layers", type=int, default=64, help="decoder layers of the 32B architecture (64)")
-    parser.add_argument("--packing-length", type=int, default=8192, help="longest packed row, tokens")
-    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per path and workload")
-    parser.add_argument("--skip-cache", action="store_true", help="skip the 4-bit base save/load round trip")
-    parser.add_argument("--budget-s", type=float, default=420,
-                        help="start no measurement after this many seconds, so the run stays under ~9 minutes")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    return parser.parse_args()
-
-
-# --- the model --------------------------------------------------------------------------------------
-
-def build_model(tiny: bool, layers: int) -> Any:
-    """The R1-Distill-Qwen-32B architecture with random weights, 4-bit NF4 (or a tiny CPU stand-in)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    if tiny:
-        config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=1024, max_position_embeddings=8192,
-                             tie_word_embeddings=False)
-        config._attn_implementation = "sdpa"
-        torch.manual_seed(0)
-        return Qwen2ForCausalLM(config).float()
-    import bitsandbytes as bnb
-    from transformers import BitsAndBytesConfig
-
-    config = Qwen2Config(hidden_size=5120, intermediate_size=27648, num_hidden_layers=layers, num_attention_heads=40,
-                         num_key_value_heads=8, vocab_size=152064, max_position_embeddings=131072, rope_theta=1e6,
-                         rms_norm_eps=1e-5, tie_word_embeddings=False, dtype=torch.bfloat16)
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-
-    def quantise(parent: nn.Module) -> None:
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                          device="meta")
-                weight = torch.randn(child.out_features, child.in_features, dtype=torch.bfloat16, device=device) * 0.02
-                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
-                                                 quant_type="nf4").to(device)
-                if child.bias is not None:
-                    layer.bias = nn.Parameter(torch.zeros(child.out_features, dtype=torch.bfloat16, device=device),
-                                              requires_grad=False)
-                setattr(parent, name, layer)
-            else:
-                quantise(child)
-
-    quantise(model.model.layers)
-    for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.is_meta:
-                value = (torch.ones(param.shape, dtype=torch.bfloat16, device=device) if "norm" in type(module).__name__.lower()
-                         else torch.randn(param.shape, dtype=torch.bfloat16, device=device) * 0.02)
-                setattr(module, name, nn.Parameter(value, requires_grad=False))
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config, device=device)
-    # What `from_pretrained(..., quantization_config=...)` would record, so `save_pretrained` writes a
-    # checkpoint that loads back as 4-bit.
-    model.config.quantization_config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    model.is_loaded_in_4bit = True
-    return model
+RESULTS = Path(__file__).resolve().parent / "results"
+MEASURED_PATH = "tracesft.train.distributed.train"
+WORKLOADS = ("lognormal_1200", "uniform_4096")
+CHECK_LENGTH = {"lognormal_1200": 1200, "uniform_4096": 4096}  # tokens of each loss-check example
+CHECK_EXAMPLES = 8
+# Examples for this many optimizer steps beyond the trained ones, so no epoch (and the evaluation
+# the recipe runs at its end) ends inside the timed steps.
+SPARE_STEPS = 2
+TINY_SCALE = 2  # --tiny: every length halved (the prompt frame alone is ~100 tokens)
+# A pad token of its own: the Trainer counts tokens that are not padding, and the tiny tokenizer
+# pads with EOS, which every example ends with.
+PAD_TOKEN = "<｜▁pad▁｜>"
 
 
-def with_lora(model: Any, lora_dtype: torch.dtype | None) -> Any:
-    from peft import LoraConfig, get_peft_model
+# --- the paths ----------------------------------------------------------------------------------------
 
-    model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
-                      target_modules=TARGET_MODULES)
-    peft_model = get_peft_model(model, lora)
-    if lora_dtype is not None:
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.data = param.data.to(lora_dtype)
-    return peft_model
+def train_seed(dataset: SFTDataset, base_model: str, recipe: TrainingRecipe, device: Device, output_dir: Path,
+               callbacks: list[Any]) -> None:
+    """The seed's script: TRL's `SFTTrainer` on one example per forward, no packing, SDPA.
+
+    The base is loaded by the shipped loader, the same `from_pretrained` of the same 4-bit
+    checkpoint the seed's script makes (loading is not timed), and the examples tokenized as the
+    shipped path tokenizes them, so both paths train on the same ids.
+    """
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = load_tokenizer(base_model)
+    rows = lambda records: Dataset.from_list(tokenized_rows(records, tokenizer, recipe.max_seq_length))  # noqa: E731
+    on_cuda = device == "cuda"
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        per_device_eval_batch_size=recipe.per_device_train_batch_size,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        max_length=recipe.max_seq_length,
+        packing=False,
+        optim=recipe.optim if on_cuda else "adamw_torch",
+        bf16=on_cuda,
+        use_cpu=not on_cuda,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        learning_rate=recipe.learning_rate,
+        num_train_epochs=recipe.num_train_epochs,
+        lr_scheduler_type=recipe.lr_scheduler_type,
+        warmup_steps=recipe.warmup_steps,
+        logging_steps=recipe.logging_steps,
+        completion_only_loss=True,
+        include_num_input_tokens_seen="non_padding",  # what the timer reads; the shipped path sets it too
+        save_strategy="no",
+        report_to="none",
+        seed=recipe.seed,
+    )
+    lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                      target_modules=recipe.target_modules, bias="none", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(
+        model=load_base_model(base_model, recipe, device, attn_implementation="sdpa"),
+        args=args,
+        train_dataset=rows(dataset.train),
+        eval_dataset=rows(dataset.validation),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=callbacks,
+    )
+    trainer.train()
 
 
-def optimizer_for(model: Any, tiny: bool) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if tiny:
-        return torch.optim.AdamW(params, lr=2e-5)
-    import bitsandbytes as bnb
-
-    return bnb.optim.PagedAdamW8bit(params, lr=2e-5)
+def packed_rows_on_sdpa(model: Any) -> None:
+    """Packed rows through SDPA: transformers builds a block-diagonal causal mask from the position ids."""
+    model.set_attn_implementation("sdpa")
 
 
-# --- workloads and batches --------------------------------------------------------------------------
+def lora_in_fp32(model: Any) -> None:
+    """LoRA weights back in fp32, under the Trainer's bf16 autocast (TRL casts them to bf16 on a 4-bit base)."""
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
 
-def workload_lengths(kind: str, count: int, tiny: bool, seed: int = 1234) -> list[int]:
-    scale = 16 if tiny else 1  # the tiny model sees the same shapes, 16x shorter
+
+@dataclass(frozen=True)
+class TrainingPath:
+    """One way of training: the seed's setup, or the shipped function with recipe fields changed."""
+
+    name: str
+    seed: bool = False
+    recipe: dict[str, Any] = field(default_factory=dict)
+    change: Callable[[Any], None] | None = None  # applied to the model as training begins
+
+    def uses_liger(self, recipe: TrainingRecipe, device: Device) -> bool:
+        import importlib.util
+
+        return (not self.seed and device == "cuda" and recipe.model_copy(update=self.recipe).liger_kernels
+                and importlib.util.find_spec("liger_kernel") is not None)
+
+
+SEED = TrainingPath("seed", seed=True)
+PROJECT = TrainingPath("project")
+ABLATIONS = (
+    TrainingPath("project without packing", recipe={"packing": False}),
+    TrainingPath("project, packed rows on SDPA", change=packed_rows_on_sdpa),
+    TrainingPath("project without Liger", recipe={"liger_kernels": False}),
+    TrainingPath("project, fp32 LoRA", change=lora_in_fp32),
+)
+
+
+# --- measuring ----------------------------------------------------------------------------------------
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepTimer(TrainerCallback):
+    """Loss before any update, then optimizer steps 2 to 1 + `steps` timed, then training stopped."""
+
+    def __init__(self, steps: int, change: Callable[[Any], None] | None) -> None:
+        self.steps, self.change = steps, change
+        self.result: dict[str, Any] = {"packed_attention_calls": 0}
+        self._start: tuple[float, int] | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.change is not None:
+            self.change(model)
+        # The Trainer reads `eval_on_start` right after this event: its own evaluation, on the
+        # validation split, with this path's batching and kernels, before the first update.
+        args.eval_on_start = True
+
+        # Packed attention calls that carry the example boundaries: a patched forward that dropped
+        # them would let attention span examples without a sound. Wraps what `prepare_training`
+        # registered under the same name.
+        def counted(module, query, key, value, attention_mask, *rest, **kwargs):
+            self.result["packed_attention_calls"] += kwargs.get("cu_seq_lens_q") is not None
+            return varlen_attention_forward(module, query, key, value, attention_mask, *rest, **kwargs)
+
+        AttentionInterface.register(VARLEN_ATTENTION, counted)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        self.result["setup"] = {
+            "attention": model.config._attn_implementation,
+            "lora_dtype": str(trained[0].dtype).removeprefix("torch."),
+            "trainable_parameters": sum(p.numel() for p in trained),
+            "optimizer": args.optim,
+            "bf16_autocast": args.bf16,
+            "liger": args.liger_kernel_config if args.use_liger_kernel else None,
+            "rows_per_optimizer_step": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+            "row_tokens_at_most": args.max_length,
+            "packing": args.packing,
+        }
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self._start is not None:
+            raise RuntimeError("an evaluation ran inside the timed steps: the workload needs more examples")
+        self.result.setdefault("loss_before_update", metrics["eval_loss"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Start the clock after the warm-up step; stop it, and training, `steps` steps later."""
+        if state.global_step == 1:
+            synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            self._start = (time.perf_counter(), state.num_input_tokens_seen)
+        elif self._start is not None and state.global_step == 1 + self.steps:
+            synchronize()
+            seconds = time.perf_counter() - self._start[0]
+            tokens = state.num_input_tokens_seen - self._start[1]
+            peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+            self.result.update(tokens_per_s=round(tokens / seconds, 1), tokens=tokens, seconds=round(seconds, 2),
+                               peak_gib=peak)
+            self._start = None
+            control.should_training_stop = True
+
+
+def measure(path: TrainingPath, dataset: SFTDataset, base_model: str, recipe: TrainingRecipe, device: Device, steps: int,
+            workdir: Path) -> dict[str, Any]:
+    """Train `path` on `dataset` for 1 + `steps` optimizer steps; what `StepTimer` recorded."""
+    if not path.uses_liger(recipe, device) and liger_patched():
+        raise RuntimeError(f"{path.name}: Liger already patched Qwen2 in this process; run the paths without it first")
+    timer = StepTimer(steps, path.change)
+    output_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+    try:
+        if path.seed:
+            train_seed(dataset, base_model, recipe, device, output_dir, [timer])
+        else:
+            train(dataset, base_model, recipe.model_copy(update=path.recipe), device, output_dir, callbacks=[timer])
+    finally:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if "tokens_per_s" not in timer.result:
+        raise RuntimeError(f"{path.name}: training ended before {1 + steps} optimizer steps")
+    setup = timer.result["setup"]
+    if setup["packing"] and setup["attention"] == VARLEN_ATTENTION and not timer.result["packed_attention_calls"]:
+        raise RuntimeError(f"{path.name}: packed rows never reached the varlen attention with example boundaries")
+    return timer.result
+
+
+def liger_patched() -> bool:
+    """Liger patches Qwen2's module for good (RoPE, and the classes of models built later)."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    return "liger" in modeling_qwen2.apply_rotary_pos_emb.__module__
+
+
+# --- the workloads and the base -----------------------------------------------------------------------
+
+def workload_lengths(kind: str, count: int, scale: int, seed: int = 1234) -> list[int]:
     if kind == "uniform_4096":
         return [4096 // scale] * count
     generator = torch.Generator().manual_seed(seed)
@@ -161,279 +292,185 @@ def workload_lengths(kind: str, count: int, tiny: bool, seed: int = 1234) -> lis
     return [int(x) // scale for x in draws.clamp(256, 4096).round().tolist()]
 
 
-def random_examples(lengths: list[int], vocab: int, device: str, seed: int = 99) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=generator).to(device) for n in lengths]
+def trace_records(lengths: list[int], tokenizer: Any, max_seq_length: int, seed: int = 99) -> list[TraceRecord]:
+    """Records that `tokenize_record` (prompt, trace, answer line, EOS) turns into exactly `lengths` tokens.
+
+    Each trace is a run of random digits: Qwen2's pre-tokenizer splits every digit off on its own, so
+    each is one token and a record is the frame's length plus its digits.
+    """
+    rng = random.Random(seed)
+
+    def record(trace: str) -> TraceRecord:
+        return TraceRecord(query="Premise: A correlates with B. Hypothesis: A causes B.", trace=trace, gold=1,
+                           source="benchmark", locator="generated")
+
+    frame = len(tokenize_record(tokenizer, record(""), max_seq_length)["input_ids"])
+    records = [record("".join(rng.choices(string.digits, k=length - frame))) for length in lengths]
+    made = [len(tokenize_record(tokenizer, r, max_seq_length)["input_ids"]) for r in records]
+    if made != lengths:
+        raise RuntimeError(f"records of {made[:5]}... tokens, wanted {lengths[:5]}...: the digit trick no longer holds")
+    return records
 
 
-def pack(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing: indices of the examples in each row, every row at most `capacity` tokens."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        fits = [r for r in range(len(rows)) if room[r] >= lengths[index]]
-        if fits:
-            best = min(fits, key=lambda r: room[r])
-            rows[best].append(index)
-            room[best] -= lengths[index]
-        else:
-            rows.append([index])
-            room.append(capacity - lengths[index])
-    return rows
+def workload_dataset(kind: str, tokenizer: Any, recipe: TrainingRecipe, steps: int, scale: int) -> SFTDataset:
+    """Training examples for 1 + `steps` + spare optimizer steps, and `CHECK_EXAMPLES` of one length held out."""
+    per_step = recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps
+    lengths = workload_lengths(kind, (1 + steps + SPARE_STEPS) * per_step, scale)
+    check = [CHECK_LENGTH[kind] // scale] * CHECK_EXAMPLES
+    records = trace_records(lengths + check, tokenizer, recipe.max_seq_length)
+    return SFTDataset(train=records[: len(lengths)], validation=records[len(lengths):],
+                      content_hash=hashlib.sha256(json.dumps([kind, lengths]).encode()).hexdigest(),
+                      validation_fraction=len(check) / len(records), seed=0)
 
 
-def packed_row(examples: list[torch.Tensor]) -> dict[str, Any]:
-    """One row as TRL's padding-free collator makes it: positions restart, boundaries in cu_seq_lens."""
-    ids = torch.cat(examples)[None]
-    labels = ids.clone()
-    starts = [0]
-    for example in examples:
-        starts.append(starts[-1] + len(example))
-    labels[0, starts[:-1]] = -100  # no example learns to predict the next one's first token
-    position_ids = torch.cat([torch.arange(len(e), device=ids.device) for e in examples])[None]
-    cu_seq_lens = torch.tensor(starts, dtype=torch.int32, device=ids.device)
-    max_length = max(len(e) for e in examples)
-    return {"input_ids": ids, "labels": labels, "position_ids": position_ids, "cu_seq_lens_q": cu_seq_lens,
-            "cu_seq_lens_k": cu_seq_lens, "max_length_q": max_length, "max_length_k": max_length}
+def benchmark_tokenizer(directory: Path) -> Any:
+    tokenizer = load_tokenizer(str(build_tiny_model(directory / "tiny-tokenizer", tokenizer_corpus())))
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tokenizer
 
 
-# --- the two paths ------------------------------------------------------------------------------------
-
-class TrainingPath:
-    """One way of running an optimizer step over 8 examples."""
-
-    def __init__(self, name: str, model: Any, optimizer: torch.optim.Optimizer, autocast: bool,
-                 batches: Callable[[list[torch.Tensor]], list[dict[str, Any]]]) -> None:
-        self.name, self.model, self.optimizer, self.autocast, self.batches = name, model, optimizer, autocast, batches
-
-    def _forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.autocast):
-            return self.model(**batch).loss
-
-    def step(self, examples: list[torch.Tensor]) -> None:
-        self.model.train()
-        batches = self.batches(examples)
-        total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        for batch in batches:  # token-weighted over the whole step, as the Trainer's accumulation
-            trained = int((batch["labels"][:, 1:] != -100).sum())
-            (self._forward(batch) * trained / total).backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def loss(self, examples: list[torch.Tensor]) -> float:
-        """Token-weighted mean loss over the examples, dropout off."""
-        self.model.eval()
-        batches = self.batches(examples)
-        weighted, total = 0.0, 0
-        for batch in batches:
-            trained = int((batch["labels"][:, 1:] != -100).sum())
-            weighted += float(self._forward(batch)) * trained
-            total += trained
-        return weighted / total
-
-
-def seed_batches(examples: list[torch.Tensor]) -> list[dict[str, Any]]:
-    return [{"input_ids": e[None], "labels": e[None]} for e in examples]
-
-
-def project_batches(packing_length: int) -> Callable[[list[torch.Tensor]], list[dict[str, Any]]]:
-    def batches(examples: list[torch.Tensor]) -> list[dict[str, Any]]:
-        lengths = [len(e) for e in examples]
-        row_length, _ = packed_row_plan(lengths, len(examples), packing_length)
-        return [packed_row([examples[i] for i in row]) for row in pack(lengths, row_length)]
-
-    return batches
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-DEADLINE = [math.inf]  # perf_counter time after which no measurement starts
-
-
-def measure(path: TrainingPath, steps: list[list[torch.Tensor]]) -> dict[str, float]:
-    """Warm up on the first step, then time the rest: real tokens/s and peak memory."""
-    if time.perf_counter() > DEADLINE[0]:
-        return {"tokens_per_s": float("nan"), "peak_gib": float("nan"), "skipped": "time budget spent"}
-    path.step(steps[0])
-    sync()
+def write_random_base(directory: Path, config: Any, tokenizer: Any, recipe: TrainingRecipe, device: Device) -> tuple[str, dict[str, Any]]:
+    """A base model directory that the shipped loader takes for a real one: config.json and tokenizer
+    files, the random weights in the recipe's 4-bit cache (cuda) or beside them (cpu: no 4-bit)."""
+    base = directory / "base"
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    config.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    quantization = quantization_config(recipe, device)
+    start = time.perf_counter()
+    model = random_base(config, torch.device(device), torch.bfloat16 if device == "cuda" else torch.float32,
+                        quantization, torch.Generator(device=device).manual_seed(0))
+    synchronize()
+    built = time.perf_counter()
+    cached = quantized_base_path(str(base), recipe, device)
+    if cached is None:
+        model.save_pretrained(base)
+    else:
+        model.config.quantization_config = quantization  # as `from_pretrained` records it: loads back as 4-bit
+        save_quantized_base(model, cached)
+    saved = time.perf_counter()
+    weights = cached or base
+    del model
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    tokens = sum(len(e) for step in steps[1:] for e in step)
-    start = time.perf_counter()
-    for step in steps[1:]:
-        path.step(step)
-    sync()
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    return {"tokens_per_s": round(tokens / seconds, 1), "peak_gib": round(peak, 2), "tokens": tokens,
-            "seconds": round(seconds, 2)}
-
-
-def count_packed_attention_calls() -> dict[str, int]:
-    """Register the varlen attention, counting calls that carry example boundaries: if a patched
-    forward (Liger's) dropped them, attention would silently span examples."""
-    from transformers import AttentionInterface
-
-    from tracesft.train.packing import varlen_attention_forward
-
-    register_varlen_attention()
-    calls = {"count": 0}
-
-    def counted(module, query, key, value, attention_mask, *args, **kwargs):
-        calls["count"] += kwargs.get("cu_seq_lens_q") is not None
-        return varlen_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
-
-    AttentionInterface.register(VARLEN_ATTENTION, counted)
-    return calls
-
-
-# --- the cached 4-bit base ----------------------------------------------------------------------------
-
-def cache_round_trip(model: Any, vocab: int, tiny: bool) -> dict[str, Any]:
-    """Save the 4-bit base as `tracesft.train.modeling.save_quantized_base` does, load it back, compare."""
-    from transformers import AutoModelForCausalLM
-
-    from tracesft.train.modeling import save_quantized_base
-
-    root = Path(tempfile.mkdtemp(prefix="tracesft-qbase-"))
-    try:
-        sync()
-        start = time.perf_counter()
-        save_quantized_base(model, root / "base")
-        sync()
-        save_s = time.perf_counter() - start
-        size = sum(p.stat().st_size for p in (root / "base").rglob("*") if p.is_file())
-        start = time.perf_counter()
-        loaded = AutoModelForCausalLM.from_pretrained(root / "base", device_map={"": 0} if not tiny else None,
-                                                      dtype=torch.bfloat16 if not tiny else torch.float32)
-        sync()
-        load_s = time.perf_counter() - start
-        ids = torch.randint(0, vocab, (1, 64), device=model.device)
-        model.eval()
-        loaded.eval()
-        with torch.no_grad():
-            same = bool(torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits))
-        del loaded
-        return {"save_s": round(save_s, 1), "load_s": round(load_s, 1), "size_gib": round(size / 2**30, 2),
-                "identical_logits": same}
-    except Exception as err:  # recorded, not fatal: the throughput numbers still stand
-        return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    return str(base), {"build_s": round(built - start, 1), "save_s": round(saved - built, 1),
+                       "size_gib": round(sum(p.stat().st_size for p in weights.glob("*.safetensors")) / 2**30, 2)}
 
 
 # --- main ---------------------------------------------------------------------------------------------
 
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU plumbing check with a tiny Qwen2")
+    parser.add_argument("--ablations", action="store_true",
+                        help="workload (a) only: seed, project, and the project without each of its pieces")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per path and workload")
+    parser.add_argument("--layers", type=int, default=64, help="decoder layers of the 32B architecture (64)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the random base and its 4-bit cache are written (~18 GB; default: a temporary directory)")
+    parser.add_argument("--out", type=Path, default=None)
+    return parser.parse_args()
+
+
 def main() -> int:
     args = parse_args()
     tiny = args.tiny or not torch.cuda.is_available()
-    if not args.tiny and tiny:
-        print("No CUDA device: running the --tiny CPU check instead (nothing is written).")
-    device = "cpu" if tiny else "cuda"
+    if tiny and not args.tiny:
+        print("No CUDA device: running the --tiny CPU check instead.")
     if tiny:
-        torch.set_num_threads(1)  # a 64-wide model gains nothing from threads and suffers on a shared CPU
-    packing_length = args.packing_length // 16 if tiny else args.packing_length
-    started = time.perf_counter()
-    DEADLINE[0] = started + args.budget_s
-    import transformers  # noqa: F401  (imported before the build is timed)
-    card = torch.cuda.get_device_name() if not tiny else "cpu (tiny model)"
-    print(f"device {card}; torch {torch.__version__}", flush=True)
-
-    t0 = time.perf_counter()
-    base = build_model(tiny, args.layers)
-    build_s = time.perf_counter() - t0
-    vocab = base.config.vocab_size
-    n_steps = args.steps + 1  # + the warm-up step
-    workloads = {kind: random_examples(workload_lengths(kind, n_steps * EXAMPLES_PER_STEP, tiny), vocab, device)
-                 for kind in ("lognormal_1200", "uniform_4096")}
-    steps = {kind: [examples[i : i + EXAMPLES_PER_STEP] for i in range(0, len(examples), EXAMPLES_PER_STEP)]
-             for kind, examples in workloads.items()}
-    results: dict[str, dict[str, Any]] = {kind: {} for kind in workloads}
-
-    # The seed's path first: Liger patches model classes for good, so it must come second.
-    seed_model = with_lora(base, lora_dtype=None)
-    seed = TrainingPath("seed", seed_model, optimizer_for(seed_model, tiny), autocast=not tiny, batches=seed_batches)
-    for kind in workloads:
-        results[kind]["loss_seed"] = seed.loss(steps[kind][1])
-        results[kind]["seed"] = measure(seed, steps[kind])
-        print(kind, "seed", results[kind]["seed"], flush=True)
-    base = seed_model.unload()
-    del seed, seed_model
-    if not tiny:
-        torch.cuda.empty_cache()
-
-    packed_calls = count_packed_attention_calls()
-    base.set_attn_implementation(VARLEN_ATTENTION)
-    liger = False
-    if not tiny:
-        try:
-            from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-
-            apply_liger_kernel_to_qwen2(model=base)
-            liger = True
-        except ImportError:
-            print("liger-kernel not installed: the project path runs without it", flush=True)
-    project_model = with_lora(base, lora_dtype=torch.bfloat16 if not tiny else None)
-    project = TrainingPath("project", project_model, optimizer_for(project_model, tiny), autocast=not tiny,
-                    batches=project_batches(packing_length))
-    for kind in workloads:
-        results[kind]["loss_project"] = project.loss(steps[kind][1])
-        results[kind]["project"] = measure(project, steps[kind])
-        print(kind, "project", results[kind]["project"], flush=True)
-    if packed_calls["count"] == 0:
-        raise RuntimeError("the project path never reached the varlen attention with example boundaries")
-    base = project_model.unload()
-    del project, project_model
-    over_budget = time.perf_counter() > DEADLINE[0]
-    cache = ({"skipped": "time budget spent" if over_budget else "--skip-cache"} if args.skip_cache or over_budget
-             else cache_round_trip(base, vocab, tiny))
-
-    a, b = results["lognormal_1200"], results["uniform_4096"]
-    ratio = lambda r: round(r["project"]["tokens_per_s"] / r["seed"]["tokens_per_s"], 2)  # noqa: E731
-    loss_gap = max(abs(r["loss_project"] - r["loss_seed"]) / abs(r["loss_seed"]) for r in (a, b))
-    report = {
-        "device": card,
-        "date": datetime.date.today().isoformat(),
-        "baseline_tokens_per_s": a["seed"]["tokens_per_s"],
-        "tokens_per_s": a["project"]["tokens_per_s"],
-        "ratio": ratio(a),
-        "ratio_uniform_4096": ratio(b),
-        "peak_gib": max(a["project"]["peak_gib"], b["project"]["peak_gib"]),
-        "baseline_peak_gib": max(a["seed"]["peak_gib"], b["seed"]["peak_gib"]),
-        "same_loss": loss_gap < 1e-2,
-        "max_relative_loss_gap": round(loss_gap, 5),
-        "workloads": results,
-        "project_path": {"packing_length": packing_length, "liger": liger,
-                         "varlen_kernel": "torch.nn.attention.varlen" if (_torch_varlen() and not tiny) else "per-example sdpa",
-                         "lora_dtype": "bfloat16", "autocast": "bfloat16", "gradient_checkpointing": "full"},
-        "seed_path": {"batch": 1, "packing": False, "attention": "sdpa", "lora_dtype": "float32",
-                      "autocast": "bfloat16", "gradient_checkpointing": "full"},
-        "examples_per_optimizer_step": EXAMPLES_PER_STEP,
-        "timed_optimizer_steps": args.steps,
-        "build_4bit_base_s": round(build_s, 1),
-        "quantized_base_cache": cache,
-        "versions": _versions(),
-        "wall_s": round(time.perf_counter() - started, 1),
-    }
+        torch.set_num_threads(1)  # a 128-wide model gains nothing from threads and suffers on a shared CPU
+    paths = (SEED, PROJECT, *ABLATIONS) if args.ablations else (SEED, PROJECT)
+    report = run(paths, WORKLOADS[:1] if args.ablations else WORKLOADS, args.steps, tiny, args.layers, args.workdir)
     print_table(report)
-    if not tiny:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    name = "train_throughput" + ("_ablations" if args.ablations else "") + ("_tiny" if tiny else "")
+    out = args.out or RESULTS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 
-def _versions() -> dict[str, str]:
+def run(paths: tuple[TrainingPath, ...], workloads: tuple[str, ...], steps: int, tiny: bool, layers: int = 64,
+        workdir: Path | None = None) -> dict[str, Any]:
+    """Write the random base, train every path on every workload, and report (CPU and tiny Qwen2 if `tiny`)."""
+    device: Device = "cpu" if tiny else "cuda"
+    scale = TINY_SCALE if tiny else 1
+    started = time.perf_counter()
+    card = torch.cuda.get_device_name() if not tiny else "cpu (tiny Qwen2)"
+    scratch = Path(tempfile.mkdtemp(prefix="train-bench-", dir=workdir))
+    try:
+        recipe = TrainingRecipe(quantized_base_cache=str(scratch / "quantized-base"))
+        if tiny:
+            recipe = recipe.model_copy(update={"max_seq_length": recipe.max_seq_length // scale,
+                                               "packing_length": recipe.packing_length // scale})
+        if any(path.uses_liger(recipe, device) for path in paths):
+            import liger_kernel.transformers  # noqa: F401  (a broken install fails here, not after the seed's runs)
+        tokenizer = benchmark_tokenizer(scratch)
+        base_model, base = write_random_base(scratch, qwen2_config(tiny, layers), tokenizer, recipe, device)
+        print(f"{card}: random base written {base}", flush=True)
+        runs: dict[str, dict[str, Any]] = {path.name: {} for path in paths}
+        for path in sorted(paths, key=lambda p: p.uses_liger(recipe, device)):  # Liger's patches last
+            for kind in workloads:
+                dataset = workload_dataset(kind, tokenizer, recipe, steps, scale)
+                runs[path.name][kind] = measure(path, dataset, base_model, recipe, device, steps, scratch)
+                print(kind, path.name, {k: v for k, v in runs[path.name][kind].items() if k != "setup"}, flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "device": card,
+        "date": datetime.date.today().isoformat(),
+        "model": "tiny Qwen2 (random)" if tiny else f"Qwen2 32B architecture, {layers} layers (random NF4)",
+        "measured_path": MEASURED_PATH,
+        "baseline_path": "trl.SFTTrainer as the seed's script configures it (batch 1, accumulation 8, no packing, "
+                         "sdpa, paged_adamw_8bit, bf16, gradient checkpointing)",
+        **summarize(runs, paths, workloads),
+        "recipe": recipe.model_dump(exclude={"quantized_base_cache"}),
+        "timed_optimizer_steps": steps,
+        "length_scale": f"1/{scale}",
+        "random_base": base,
+        "versions": versions(),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "runs": runs,
+    }
+
+
+def summarize(runs: dict[str, dict[str, Any]], paths: tuple[TrainingPath, ...], workloads: tuple[str, ...]) -> dict[str, Any]:
+    """The headline figures: the project against the seed, the loss check, and each piece's share."""
+    seed, project = runs[SEED.name], runs[PROJECT.name]
+    gaps = [abs(runs[p.name][k]["loss_before_update"] - seed[k]["loss_before_update"]) / abs(seed[k]["loss_before_update"])
+            for p in paths for k in workloads]
+    speed = lambda path, kind: runs[path][kind]["tokens_per_s"]  # noqa: E731
+    first = workloads[0]
+    report = {
+        "baseline_tokens_per_s": speed(SEED.name, first),
+        "tokens_per_s": speed(PROJECT.name, first),
+        "ratio": round(speed(PROJECT.name, first) / speed(SEED.name, first), 2),
+        **({"ratio_uniform_4096": round(speed(PROJECT.name, "uniform_4096") / speed(SEED.name, "uniform_4096"), 2)}
+           if "uniform_4096" in workloads else {}),
+        "peak_gib": highest(project[k]["peak_gib"] for k in workloads),
+        "baseline_peak_gib": highest(seed[k]["peak_gib"] for k in workloads),
+        "same_loss": max(gaps) < 1e-2,
+        "max_relative_loss_gap": round(max(gaps), 5),
+    }
+    ablations = [p for p in paths if p not in (SEED, PROJECT)]
+    if ablations:  # what the piece is worth: the production path's speed over the path without it
+        report["share"] = {p.name: round(speed(PROJECT.name, first) / speed(p.name, first), 3) for p in ablations}
+    return report
+
+
+def highest(peaks: Any) -> float | None:
+    """The highest peak GiB, or None where memory was not measured (CPU)."""
+    peaks = list(peaks)
+    return None if None in peaks else max(peaks)
+
+
+def versions() -> dict[str, str]:
     import importlib.metadata as metadata
 
     found = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "triton"):
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "liger-kernel", "triton"):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -442,18 +479,25 @@ def _versions() -> dict[str, str]:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print(f"\n{report['device']}, {report['date']}; {report['timed_optimizer_steps']} timed optimizer steps of "
-          f"{report['examples_per_optimizer_step']} examples per path")
-    print(f"{'workload':<16}{'path':<9}{'tokens/s':>10}{'peak GiB':>10}{'loss':>9}{'ratio':>8}")
-    for kind, r in report["workloads"].items():
-        for name in ("seed", "project"):
-            ratio = r["project"]["tokens_per_s"] / r["seed"]["tokens_per_s"] if name == "project" else 1.0
-            print(f"{kind:<16}{name:<9}{r[name]['tokens_per_s']:>10.1f}{r[name]['peak_gib']:>10.2f}"
-                  f"{r['loss_' + name]:>9.4f}{ratio:>8.2f}")
-    print(f"same loss on identical batches: {report['same_loss']} (max relative gap {report['max_relative_loss_gap']})")
-    print(f"4-bit base: built in {report['build_4bit_base_s']} s; cache round trip {report['quantized_base_cache']}")
+    print(f"\n{report['model']} on {report['device']}, {report['date']}: {report['timed_optimizer_steps']} timed "
+          f"optimizer steps per run; project = {report['measured_path']}")
+    print(f"{'workload':<16}{'path':<32}{'tokens/s':>10}{'peak GiB':>10}{'loss':>10}{'vs seed':>9}  setup")
+    for name, by_workload in report["runs"].items():
+        for kind, r in by_workload.items():
+            ratio = r["tokens_per_s"] / report["runs"][SEED.name][kind]["tokens_per_s"]
+            s = r["setup"]
+            setup = (f"{s['attention']}, {s['rows_per_optimizer_step']} rows of <= {s['row_tokens_at_most']}, "
+                     f"LoRA {s['lora_dtype']}, liger {'on' if s['liger'] else 'off'}")
+            peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+            print(f"{kind:<16}{name:<32}{r['tokens_per_s']:>10.1f}{peak:>10}"
+                  f"{r['loss_before_update']:>10.4f}{ratio:>9.2f}  {setup}")
+    print(f"same loss before any update: {report['same_loss']} (max relative gap {report['max_relative_loss_gap']})")
+    for name, share in report.get("share", {}).items():
+        print(f"project / ({name}): {share:.3f}")
+    print(f"random base: {report['random_base']}; {report['wall_s']} s in all")
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(main())

@@ -1,12 +1,13 @@
 """Regenerate docker/requirements.lock, the exact package set the GPU image installs.
 
-pip resolves the project's runtime dependencies plus the `platform` and `wandb` extras, constrained
+pip resolves the project's runtime dependencies plus the `platform`, `wandb` and `gpu` extras, constrained
 to the versions installed in the virtual environment this runs in (the one the tests passed in),
 so the image carries what was tested. It resolves against PyPI alone (`--isolated`: no local
 wheel folders or indexes), for this interpreter (CPython 3.11, Linux x86_64, as in the image):
 where the venv holds torch's CPU build (`2.13.0+cpu`), the lock gets PyPI's CUDA build of the same
-version with the NVIDIA libraries it pins. The project itself is not in the lock: the image
-installs it from its own source in a later layer.
+version with the NVIDIA libraries it pins, and the `gpu` extra (Liger's kernels, which a CPU venv
+does not install) enters at the version pyproject.toml pins. The project itself is not in the lock:
+the image installs it from its own source in a later layer.
 
     .venv/bin/python docker/lock.py        # from the repo root; needs PyPI
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "docker" / "requirements.lock"
-TARGET = ".[platform,wandb]"
+TARGET = ".[platform,wandb,gpu]"
 
 
 def tested_versions() -> list[str]:

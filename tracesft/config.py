@@ -91,7 +91,7 @@ class TrainingRecipe(_Settings):
     # tokens (batch x accumulation x mean example length). false: the seed's batching, exactly.
     packing: bool = True
     packing_length: int = Field(8192, gt=0)
-    liger_kernels: bool = True  # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, fused CE) on CUDA
+    liger_kernels: bool = True  # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) on CUDA; the loss head is TRL's
     eval_steps: int | None = Field(None, gt=0)  # validation loss every N steps; None: each epoch
     save_steps: int = Field(50, gt=0)  # a resumable checkpoint every N optimizer steps
     checkpoint_dir: str | None = None  # persistent root to resume from (a mounted volume); None: scratch only

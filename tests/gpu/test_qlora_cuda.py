@@ -73,7 +73,7 @@ def test_packed_training_uses_varlen_attention_and_liger_when_installed(tmp_path
     import importlib.util
 
     from tracesft.train.packing import VARLEN_ATTENTION, _torch_varlen
-    from tracesft.train.training import prepare_training
+    from tracesft.train.training import LIGER_KERNELS, prepare_training
 
     model_dir = build_tiny_model(tmp_path / "tiny", tokenizer_corpus())
     verified = verify(ingest([str(DATA / "sample_traces")])).kept
@@ -82,6 +82,8 @@ def test_packed_training_uses_varlen_attention_and_liger_when_installed(tmp_path
     prepared = prepare_training(dataset, str(model_dir), recipe, "cuda", tmp_path / "run")
     assert prepared.trainer.model.config._attn_implementation == VARLEN_ATTENTION
     assert prepared.trainer.args.use_liger_kernel == (importlib.util.find_spec("liger_kernel") is not None)
+    if prepared.trainer.args.use_liger_kernel:  # only the kernels TRL accepts: its own LM head computes the loss
+        assert prepared.trainer.args.liger_kernel_config == LIGER_KERNELS
     result = prepared.trainer.train()
     print(f"\npacked rows of {prepared.packed_row_length} tokens, torch varlen kernel: {_torch_varlen() is not None}, "
           f"liger: {prepared.trainer.args.use_liger_kernel}, loss {result.training_loss:.3f}")

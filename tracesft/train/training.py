@@ -7,8 +7,9 @@ distill's does, would double it). The completion is the `<think>` reasoning, the
 EOS; TRL turns the mask into labels, so the loss covers the completion only.
 
 Fast by default: examples are packed into long rows with attention kept inside each example
-(`tracesft.train.packing`), and with `device` cuda Liger's kernels replace RMSNorm, SwiGLU, RoPE and
-the cross-entropy over the 152k vocabulary. `packing: false` trains with the seed's batching
+(`tracesft.train.packing`), and with `device` cuda Liger's kernels replace RMSNorm, SwiGLU and RoPE
+(`LIGER_KERNELS`). The loss head is TRL's own: `SFTTrainer` computes the log-probabilities over the
+152k vocabulary in chunks, never building the full logits. `packing: false` trains with the seed's batching
 exactly. With `device` cuda the base is 4-bit NF4, the precision bf16 and the optimizer the seed's
 paged 8-bit AdamW; with `device` cpu, where none of these exists, the base stays in float32 and
 AdamW is used: same code path, same recipe otherwise. Checkpoints go to a persistent directory keyed by everything that determines the
@@ -39,6 +40,12 @@ from tracesft.data.sft_dataset import SFTDataset
 from tracesft.data.traces import TraceRecord
 
 logger = logging.getLogger(__name__)
+
+# The Liger kernels `training.liger_kernels` turns on. Not Liger's fused linear cross-entropy: it
+# replaces the model's forward, and TRL 1.16's `SFTTrainer` refuses it for its own chunked LM head
+# (which never builds the full logits either); left to itself TRL would switch it off silently.
+LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                 "fused_linear_cross_entropy": False}
 
 
 class TrainingSummary(BaseModel):
@@ -169,6 +176,7 @@ def prepare_training(
         bf16=on_cuda,
         use_cpu=not on_cuda,  # otherwise Trainer moves a cpu run onto any GPU it sees
         use_liger_kernel=liger,
+        liger_kernel_config=LIGER_KERNELS if liger else None,
         completion_only_loss=True,
         include_num_input_tokens_seen="non_padding",
         seed=recipe.seed,

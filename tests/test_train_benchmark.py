@@ -1,0 +1,37 @@
+"""`benchmarks/train_throughput.py` times the function the training step calls: a CPU smoke test
+of its plumbing on a tiny Qwen2, not a measurement."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("train_throughput")
+
+
+def test_the_measured_path_is_the_function_the_training_step_calls(bench):
+    step_module = importlib.import_module("steps.train_adapter")  # `steps` exports the step under this name
+    module, name = bench.MEASURED_PATH.rsplit(".", 1)
+    assert getattr(importlib.import_module(module), name) is step_module.train
+
+
+def test_tiny_run_trains_both_paths_through_trl_with_the_same_loss_before_any_update(bench, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the benchmark's --tiny: a 128-wide model only loses from threads on a busy CPU
+    try:
+        report = bench.run((bench.SEED, bench.PROJECT), ("lognormal_1200",), steps=1, tiny=True, workdir=tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    seed, project = (report["runs"][name]["lognormal_1200"] for name in ("seed", "project"))
+    assert report["same_loss"] and seed["tokens"] > 0 and project["tokens"] > 0
+    assert not seed["setup"]["packing"] and seed["setup"]["attention"] == "sdpa"
+    assert project["setup"]["packing"] and project["packed_attention_calls"] > 0
+    assert list(tmp_path.iterdir()) == []  # the random base and the runs' outputs are cleaned up
