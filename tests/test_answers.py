@@ -184,6 +184,7 @@ def test_long_adversarial_input_is_fast() -> None:
         "Is " * 10_000 + "?",  # question openings
         ("So " * 5 + ". ") * 2_000,  # sentence starts that look like labels
         "yes\n" * 2_000,  # lines that all decide
+        "Yes" + " " * 20_000,  # what follows an answer word, checked for qualifiers
     ]
     start = time.perf_counter()
     for text in pathological:

@@ -103,17 +103,17 @@ _CONDITIONAL = r"(?:or|otherwise|if|unless|when|whenever|provided|assuming|depen
 # What may follow the answer word and make it conditional, tentative or taken back.
 _QUALIFIER = (
     r"(?:" + _CONDITIONAL + r"|maybe|perhaps|probably|possibly|likely|but|wait|hmm|actually"
-    r"|not[ \t]+(?:sure|certain)|unsure|uncertain|tentative(?:ly)?)\b"
+    r"|not[ \t]{1,4}(?:sure|certain)|unsure|uncertain|tentative(?:ly)?)\b"
 )
 # The answer word must end its clause unqualified: another word straight after it ("no longer",
 # "yes or no") means it was part of a sentence, except for connectives that introduce a
 # justification; a qualifier after punctuation ("Yes, if ...") or a retraction opening the next
 # line ("Yes.\n\nWait, ...") takes the commitment back.
 _COMMITTED = (
-    r"(?![ \t]*[*_`'\")\]]{0,4}(?:"
-    r"[ \t]*[/?]"
-    r"|[ \t]+(?!(?:because|since|as)\b)[a-z]"
-    r"|[ \t]*[.,;:!(\-\u2013\u2014]{0,3}[ \t]*" + _QUALIFIER +
+    r"(?![ \t]{0,4}[*_`'\")\]]{0,4}(?:"
+    r"[ \t]{0,4}[/?]"
+    r"|[ \t]{1,4}(?!(?:because|since|as)\b)[a-z]"
+    r"|[ \t]{0,4}[.,;:!(\-\u2013\u2014]{0,3}[ \t]{0,4}" + _QUALIFIER +
     r"|[.!]?\s{0,4}(?:wait|hmm|actually)\b"
     r"))"
 )
@@ -121,10 +121,10 @@ _COMMITTED = (
 # alternative ("... or 'Answer: No'", "otherwise 'Answer: No'") or as a supposition, question or
 # opinion ("If B is a collider, the answer is yes", "one might think the hypothesis is valid"),
 # unless a connective such as "but" or "so" starts a committed clause in between.
-_ALTERNATIVE_BEFORE = re.compile(r"\b(?:or|otherwise|either)[ \t]+" + _DECOR + r"{0,4}\Z", _FLAGS)
+_ALTERNATIVE_BEFORE = re.compile(r"\b(?:or|otherwise|either)[ \t]{1,4}" + _DECOR + r"{0,4}\Z", _FLAGS)
 _SUPPOSITION_BEFORE = re.compile(
-    r"\b(?:" + _SUPPOSING + r"|(?:might|may|could|would)\s+(?:think|say|argue|believe|expect|claim)"
-    r"|not\s+(?:sure|certain|clear|convinced)|unsure|unclear|uncertain|doubt(?:s|ful)?)\b"
+    r"\b(?:" + _SUPPOSING + r"|(?:might|may|could|would)\s{1,4}(?:think|say|argue|believe|expect|claim)"
+    r"|not\s{1,4}(?:sure|certain|clear|convinced)|unsure|unclear|uncertain|doubt(?:s|ful)?)\b"
     r"(?:(?!\b(?:but|however|so|therefore|thus|hence)\b)[^.?!\n;]){0,120}\Z",
     _FLAGS,
 )
@@ -141,9 +141,10 @@ _SENTENCE_START = (
 # A label is a phrase of a few words that announces a conclusion by one of these.
 _CUE = (
     r"(?:answer|conclu(?:sion|de|ding)|verdict|decision|judge?ment|therefore|thus|hence|so|overall"
-    r"|summary|summari[sz]e|sum[ \t]+up|short|in[ \t]+the[ \t]+end|finally|ultimately|based[ \t]+on"
+    r"|summary|summari[sz]e|sum[ \t]{1,4}up|short|in[ \t]{1,4}the[ \t]{1,4}end|finally|ultimately"
+    r"|based[ \t]{1,4}on"
     r"|analysis|reflection|consideration"
-    r"|re-?check\w*|double-?check\w*|re-?examin\w*|reconsider\w*|hypothesis|bottom[ \t]+line|tl;[ \t]?dr)"
+    r"|re-?check\w*|double-?check\w*|re-?examin\w*|reconsider\w*|hypothesis|bottom[ \t]{1,4}line|tl;[ \t]?dr)"
 )
 _LABEL_WORD = r"[a-z][\w'-]{0,20}"
 # A noun phrase ("Verdict on the hypothesis"), not a clause ("The hypothesis is not"), and no
@@ -170,7 +171,7 @@ _EXPLICIT: list[tuple[re.Pattern[str], Answer | None]] = [
     (
         re.compile(
             r"(?<![a-z0-9])(?:final[ \t_]+)?answer(?![a-z0-9])" + _DECOR + r"{0,4}[ \t]{0,4}"
-            r"(?::|=|" + _DASH + r"|(?:is|would[ \t]+be|should[ \t]+be|must[ \t]+be)\b[ \t]{0,4}:?)"
+            r"(?::|=|" + _DASH + r"|(?:is|(?:would|should|must)[ \t]{1,4}be)\b[ \t]{0,4}:?)"
             r"[ \t\n*_`\"'\[(]{0,8}" + _WORD + _COMMITTED,
             _FLAGS,
         ),
@@ -213,13 +214,14 @@ _EXPLICIT: list[tuple[re.Pattern[str], Answer | None]] = [
 _SUBJECT = (
     r"\b(?:the|this)" + _GAP + r"(?:(?:causal|given|proposed|stated)" + _GAP + r")?"
     r"(?:hypothesis|claim|statement)"
-    r"(?:\s+that\s[^.\n]{0,150}?|\s*\([^()\n]{0,150}\)|,?\s*\"[^\"\n]{0,150}\",?|\s*'[^'\n]{0,150}')?"
+    r"(?:\s{1,4}that\s[^.\n]{0,150}?|\s{0,4}\([^()\n]{0,150}\)|,?\s{0,4}\"[^\"\n]{0,150}\",?"
+    r"|\s{0,4}'[^'\n]{0,150}')?"
 )
 _ADVERB = r"(?:(?:necessarily|therefore|thus|hence|indeed|always|clearly)" + _GAP + r")?"
 # A phrase that goes on to a condition, an alternative or a question does not decide.
 _UNQUALIFIED = (
-    r"(?![*_`\"']{0,4}[ \t]*(?:\?|/|,?[ \t]*(?:" + _CONDITIONAL + r"|only|in[ \t]+(?:some|one|certain)"
-    r"|for[ \t]+some|under[ \t]+some)\b))"
+    r"(?![*_`\"']{0,4}[ \t]{0,4}(?:\?|/|,?[ \t]{0,4}(?:" + _CONDITIONAL
+    + r"|only|in[ \t]{1,4}(?:some|one|certain)|for[ \t]{1,4}some|under[ \t]{1,4}some)\b))"
 )
 
 
@@ -251,8 +253,8 @@ _LOOSE: list[tuple[re.Pattern[str], Answer | None]] = [
         r"\b(?:cannot|can't|can" + _GAP + r"not)" + _GAP + r"(?:necessarily" + _GAP + r")?"
         r"(?:be" + _GAP + r"(?:necessarily" + _GAP + r")?(?:inferred|concluded|deduced|established)"
         r"|infer|conclude|deduce)\b"
-        r"(?![ \t]+(?:either|anything|whether|which|with[ \t]+certainty|for[ \t]+(?:sure|certain)"
-        r"|definitively|one[ \t]+way))",
+        r"(?![ \t]{1,4}(?:either|anything|whether|which|with[ \t]{1,4}certainty"
+        r"|for[ \t]{1,4}(?:sure|certain)|definitively|one[ \t]{1,4}way))",
         "no",
     ),
     _loose(
@@ -267,7 +269,7 @@ _LOOSE: list[tuple[re.Pattern[str], Answer | None]] = [
     (
         re.compile(
             r"^[ \t>#]{0,8}(?P<em>\*\*|__|\*|_)?[`\"']{0,2}" + _WORD + _COMMITTED
-            + r"(?:[*_`\"'.!]{0,6}[ \t]*$|" + _DECOR + r"{0,4}[ \t]{0,4}" + _DASH
+            + r"(?:[*_`\"'.!]{0,6}[ \t]{0,20}$|" + _DECOR + r"{0,4}[ \t]{0,4}" + _DASH
             + r"|[`\"']{0,2}[.!]?(?P=em))",
             _FLAGS | re.MULTILINE,
         ),
@@ -277,7 +279,7 @@ _LOOSE: list[tuple[re.Pattern[str], Answer | None]] = [
     # Yes/No may be followed by a comma.
     (
         re.compile(
-            r"\A\s*[*_`\"'#]{0,4}"
+            r"\A\s{0,20}[*_`\"'#]{0,4}"
             r"(?=(?:yes|no)(?![a-z0-9])|(?:true|false|valid|invalid)" + _DECOR + r"{0,4}[ \t]{0,4}[.!;:\u2013\u2014-])"
             + _WORD + _COMMITTED + _DECOR + r"{0,4}[ \t]{0,4}[.,!;:\u2013\u2014-]",
             _FLAGS,
