@@ -196,6 +196,8 @@ _EXPLICIT: list[tuple[re.Pattern[str], Answer | None]] = [
         ),
         None,
     ),
+    # A question about the hypothesis, answered at once. The sentence must end in a question mark
+    # (checked first, by a plain scan) and name the hypothesis, necessity or inference.
     (
         re.compile(
             _SENTENCE_START
