@@ -110,6 +110,28 @@ direction of the edge cannot be determined.
             "no",
             id="explicit-beats-later-justification",
         ),
+        # Labels, dashes and restated questions.
+        pytest.param("Answer - No", "no", id="answer-dash"),
+        pytest.param("Answer — Yes, the collider fixes it.", "yes", id="answer-em-dash"),
+        pytest.param("Therefore: No", "no", id="label-therefore"),
+        pytest.param("Conclusion: Yes, the collider fixes A -> C.", "yes", id="label-conclusion"),
+        pytest.param("**Final verdict:** Invalid", "no", id="label-verdict-invalid"),
+        pytest.param("Reasoning.\n\n## Final Answer\n\nNo. The chain fits too.", "no", id="label-heading"),
+        pytest.param("B may be a mediator. Let me think again. After careful analysis: No.", "no", id="label-after-analysis"),
+        pytest.param("In conclusion, no.", "no", id="label-comma-whole-sentence"),
+        pytest.param("Is the hypothesis valid? Yes.", "yes", id="restated-question"),
+        pytest.param("Can we conclude that B causes D?\n\n**No** — a chain fits too.", "no", id="restated-question-next-line"),
+        pytest.param("</think>\n\n**Yes** — A directly causes C.", "yes", id="bold-word-then-dash"),
+        pytest.param("Reasoning.\n\n**No.** The chain C -> B -> A fits too.", "no", id="emphasised-line-opening"),
+        pytest.param("Reasoning.\n\nValid.", "yes", id="valid-line"),
+        pytest.param("Reasoning.\n\n*Invalid*", "no", id="invalid-line"),
+        pytest.param("invalid — the reversed chain fits too.", "no", id="region-opens-with-invalid"),
+        pytest.param("The hypothesis is **not** valid.", "no", id="emphasis-inside-phrase"),
+        # Typography of other keyboards and locales.
+        pytest.param("Answer: «No»", "no", id="guillemets"),
+        pytest.param("Final answer: „Yes“", "yes", id="low-high-quotes"),
+        pytest.param("Answer: ‘No’.", "no", id="curly-single-quotes"),
+        pytest.param("Answer：Ｙｅｓ。", "yes", id="full-width"),
         # No decision: none.
         pytest.param("", "none", id="empty"),
         pytest.param("I'm not sure; it depends on unobserved variables.", "none", id="hedged"),
@@ -127,6 +149,24 @@ direction of the edge cannot be determined.
         ),
         pytest.param("<think>\nHmm, I'm not sure where the edge goes", "none", id="unclosed-think-hedged"),
         pytest.param("<think>\nLet me think.\n</think>\n\nI cannot decide.", "none", id="closed-think-no-decision"),
+        # Not set off, qualified, retracted or supposed: none.
+        pytest.param("Conclusion: No conditional independence involves D.", "none", id="label-word-runs-on"),
+        pytest.param("The conclusion is not clear: yes, A and C are dependent, but the rest is open.", "none", id="clause-is-no-label"),
+        pytest.param("Therefore, no edge exists between A and D.", "none", id="comma-word-runs-on"),
+        pytest.param("Is A correlated with C? Yes. Is B a collider? No.", "none", id="question-not-about-hypothesis"),
+        pytest.param("Let me check.\nYes: B is a collider.", "none", id="colon-after-line-word-is-a-step"),
+        pytest.param("True, A correlates with B, but the direction is open.", "none", id="concessive-true"),
+        pytest.param("Answer: Yes, if B is a collider.", "none", id="qualified-by-if"),
+        pytest.param("Answer: No (probably).", "none", id="qualified-by-probably"),
+        pytest.param("Answer: Yes?", "none", id="question-mark"),
+        pytest.param("Answer: Yes.\n\nWait, C could be a collider.", "none", id="retracted-next-line"),
+        pytest.param("If B is a collider, the answer is yes.", "none", id="supposition-before-marker"),
+        pytest.param("Maybe the answer is yes.", "none", id="maybe-before-marker"),
+        pytest.param("One might think the hypothesis is valid.", "none", id="opinion"),
+        pytest.param("I'm not sure that the hypothesis is true.", "none", id="not-sure-that"),
+        pytest.param("The hypothesis holds only if B is a confounder.", "none", id="phrase-qualified-after"),
+        pytest.param("I will write 'Answer: Yes' if it follows, otherwise 'Answer: No'.", "none", id="echoed-format-otherwise"),
+        pytest.param("I cannot conclude either way.", "none", id="cannot-conclude-either-way"),
     ],
 )
 def test_extract_answer(text: str, expected: str) -> None:
@@ -140,6 +180,11 @@ def test_long_adversarial_input_is_fast() -> None:
         "\\boxed{" + " " * 20_000,
         "no " * 7_000,
         ("*" * 50 + "Answer:" + "*" * 50 + " ") * 200,
+        "if " * 10_000,  # suppositions looked back from every match
+        "Is " * 10_000 + "?",  # question openings
+        ("So " * 5 + ". ") * 2_000,  # sentence starts that look like labels
+        "yes\n" * 2_000,  # lines that all decide
+        "Yes" + " " * 20_000,  # what follows an answer word, checked for qualifiers
     ]
     start = time.perf_counter()
     for text in pathological:
