@@ -306,9 +306,9 @@ def _solve(args: argparse.Namespace) -> int:
     print(f"{report['rows']} rows ({report['distinct_premises']} distinct premises) in {report['seconds']} s: "
           f"{report['agree']} agree with gold, {len(report['disagree'])} disagree, {len(report['malformed'])} unreadable")
     for row in report["disagreements"]:
-        print(f"  row {row['row']} ({row['template']}): gold {row['gold']}, solver {row['solver']}: {row['derived']}")
+        print(f"  line {row['line']} ({row['template']}): gold {row['gold']}, solver {row['solver']}: {row['derived']}")
     for row in report["malformed_rows"]:
-        print(f"  row {row['row']} ({row['template']}): {row['error']}")
+        print(f"  line {row['line']} ({row['template']}): {row['error']}")
     return 0
 
 
