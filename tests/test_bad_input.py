@@ -10,6 +10,8 @@ from typing import Callable
 import pytest
 
 from tracesft.cli import main
+from tracesft.errors import TracesftError
+from tracesft.user_paths import require_new_folder
 
 HEADER = "input,label,num_variables,template\n"
 # One problem the exact solver agrees with (gold 0: A and B are independent).
@@ -100,3 +102,41 @@ def test_line_separators_inside_a_jsonl_string_do_not_split_the_line(tmp_path: P
     gold = _write(tmp_path / "gold.csv", CSV_TEXT.encode())
     assert main(["score", "--gold", str(gold), "--predictions", str(predictions), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
+
+
+def _non_empty_folder(path: Path) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    return path
+
+
+EXISTING_OUTPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "file": (lambda p: _write(p, b"a model"), "not a folder"),
+    "non-empty-folder": (_non_empty_folder, "not empty"),
+}
+
+
+@pytest.mark.parametrize("case", EXISTING_OUTPUTS)
+def test_tiny_model_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
+    make, part = EXISTING_OUTPUTS[case]
+    out = make(tmp_path / "model")
+    assert_one_clear_line(capsys, ["tiny-model", str(out)], str(out), part, "new or empty folder")
+    kept = out if out.is_file() else out / "config.json"
+    assert kept.read_bytes() in (b"a model", b"{}")
+
+
+@pytest.mark.parametrize("case", EXISTING_OUTPUTS)
+def test_merged_export_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
+    make, part = EXISTING_OUTPUTS[case]
+    out = make(tmp_path / "merged")
+    # Refused before the registry is asked for the adapter: nothing is downloaded or merged.
+    assert_one_clear_line(capsys, ["adapters", "export", "champion", "--merged", str(out)], str(out), part)
+
+
+def test_require_new_folder_accepts_only_absent_or_empty(tmp_path: Path) -> None:
+    require_new_folder(tmp_path / "absent", "model")
+    require_new_folder(_folder(tmp_path / "empty"), "model")
+    (tmp_path / "dangling").symlink_to("nowhere")
+    for taken in (tmp_path / "dangling", _write(tmp_path / "file", b""), _non_empty_folder(tmp_path / "full")):
+        with pytest.raises(TracesftError, match=str(taken)):
+            require_new_folder(taken, "model")

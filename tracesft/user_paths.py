@@ -1,9 +1,10 @@
-"""Files a user names: every way one can be wrong becomes one line that says what to do.
+"""Files and folders a user names: every way one can be wrong becomes one line that says what to do.
 
 Inputs are UTF-8 text. A UTF-8 byte-order mark (Excel and many Windows tools write one) is
 skipped; any other encoding is refused with the line and byte where decoding failed, because
 guessing an encoding could silently change the text of a problem. A missing path, a folder, a
-link loop or an unreadable file is named as such.
+link loop or an unreadable file is named as such. Outputs go only into a folder that is new or
+empty, so nothing a user made is ever overwritten.
 """
 
 from __future__ import annotations
@@ -51,6 +52,20 @@ def jsonl_lines(path: Path, what: str) -> Iterator[tuple[int, str | TracesftErro
                 line = err
             yield number, line
             offset += len(raw)
+
+
+def require_new_folder(path: Path, what: str) -> None:
+    """Refuse to write `what` into `path` unless it is absent or an empty folder."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not path.is_dir():
+        raise TracesftError(f"{path}: already exists and is not a folder; give a new or empty folder for the {what}.")
+    with _reading(path, what):
+        empty = next(path.iterdir(), None) is None
+    if not empty:
+        raise TracesftError(
+            f"{path}: the folder is not empty; give a new or empty folder for the {what}, or remove what is in it."
+        )
 
 
 @contextmanager
