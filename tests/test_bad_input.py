@@ -10,6 +10,7 @@ from typing import Callable
 import pytest
 
 from tracesft.cli import main
+from tracesft.config import RegistrySettings
 from tracesft.errors import TracesftError
 from tracesft.user_paths import require_new_folder
 
@@ -140,3 +141,32 @@ def test_require_new_folder_accepts_only_absent_or_empty(tmp_path: Path) -> None
     for taken in (tmp_path / "dangling", _write(tmp_path / "file", b""), _non_empty_folder(tmp_path / "full")):
         with pytest.raises(TracesftError, match=str(taken)):
             require_new_folder(taken, "model")
+
+
+# What MLflow's registry refuses (mlflow.utils.validation._validate_model_name), and a few it accepts.
+MODEL_NAMES = ["team/corr2cause", "a:b", "", "   ", ".", "..", "..x", "corr2cause-r1-lora", "x.y", "a b", "v..2"]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_registry_model_name_is_checked_as_mlflow_would(name: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+        mlflow_accepts = True
+    except MlflowException:
+        mlflow_accepts = False
+    try:
+        RegistrySettings(model_name=name)
+        accepted = True
+    except ValueError:
+        accepted = False
+    assert accepted == mlflow_accepts
+
+
+def test_a_bad_model_name_fails_as_the_configuration_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("parameters:\n  traces: [t]\n  eval_set: e.csv\n  registry:\n    model_name: team/corr2cause\n")
+    assert_one_clear_line(capsys, ["adapters", "list", "--config", str(config)], str(config),
+                          "parameters.registry.model_name", "'/'")
