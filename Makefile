@@ -27,7 +27,9 @@ clean:
 	rm -rf .tracesft
 
 # On a CUDA machine: the real 4-bit path (NF4 + LoRA + paged 8-bit AdamW) on the tiny model.
+# Without a visible CUDA device every test would be skipped, which reads like a pass: fail instead.
 gpu-check: setup
+	@$(BIN)/python -c "import os, sys, torch; torch.cuda.is_available() or sys.exit('make gpu-check: no CUDA device is visible (CUDA_VISIBLE_DEVICES=' + os.environ.get('CUDA_VISIBLE_DEVICES', 'unset') + '); run it on a machine with an NVIDIA GPU and its driver.')"
 	$(BIN)/pytest tests/gpu -m gpu -q -s
 
 # Regenerate docker/requirements.lock (the GPU image's exact dependency set) from the tested venv.

@@ -242,9 +242,10 @@ def write_csv(tmp_path: Path, body: str, header: str = HEADER) -> Path:
 def test_load_eval_set_good_csv(tmp_path: Path) -> None:
     path = write_csv(tmp_path, '"Premise: a.\nHypothesis: b.",1,3,parent\nPremise: c. Hypothesis: d.,0,4,collider\n')
     problems = load_eval_set(path)
-    assert [(p.query, p.label, p.num_variables, p.template, p.row) for p in problems] == [
-        ("Premise: a.\nHypothesis: b.", 1, 3, "parent", 0),
-        ("Premise: c. Hypothesis: d.", 0, 4, "collider", 1),
+    # The first row spans lines 2 and 3 of the file, so the second starts on line 4.
+    assert [(p.query, p.label, p.num_variables, p.template, p.row, p.line) for p in problems] == [
+        ("Premise: a.\nHypothesis: b.", 1, 3, "parent", 0, 2),
+        ("Premise: c. Hypothesis: d.", 0, 4, "collider", 1, 4),
     ]
 
 
@@ -269,13 +270,13 @@ def test_eval_bad_row_names_file_row_and_column(tmp_path: Path, rows: str, row: 
     path = write_csv(tmp_path, rows)
     with pytest.raises(TracesftError) as excinfo:
         load_eval_set(path)
-    assert_error_names(excinfo, str(path), f"data row {row}, line {row + 2}", f"'{column}'", value)
+    assert_error_names(excinfo, str(path), f"(line {row + 2})", f"'{column}'", value)
 
 
 def test_eval_missing_file(tmp_path: Path) -> None:
     with pytest.raises(TracesftError) as excinfo:
         load_eval_set(tmp_path / "absent.csv")
-    assert_error_names(excinfo, str(tmp_path / "absent.csv"), "not found", "eval_set")
+    assert_error_names(excinfo, str(tmp_path / "absent.csv"), "eval set not found")
 
 
 def test_eval_no_rows(tmp_path: Path) -> None:
@@ -289,7 +290,7 @@ def test_eval_short_row_is_a_clear_error(tmp_path: Path) -> None:
     path = write_csv(tmp_path, "q0,1,3,parent\nq1,1,3\n")
     with pytest.raises(TracesftError) as excinfo:
         load_eval_set(path)
-    assert_error_names(excinfo, str(path), "data row 1", "template")
+    assert_error_names(excinfo, str(path), "(line 3)", "template")
 
 
 def test_exclude_seen(tmp_path: Path) -> None:

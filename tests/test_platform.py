@@ -1,7 +1,9 @@
 """The production platform, checked without Docker or a cluster: the GPU image's Dockerfile
 (hadolint), the build and resource configuration ZenML derives from zenml_config.yaml, the
-Kubernetes pod settings, the scheduled variant and the stack recipes (shellcheck)."""
+Kubernetes pod settings, the scheduled variant, the stack recipes (shellcheck) and `make
+gpu-check` on a machine without a GPU."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -136,3 +138,17 @@ def test_stack_recipes_are_shellcheck_clean():
     assert recipes
     result = subprocess.run([str(BIN / "shellcheck"), *map(str, recipes)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_gpu_check_fails_loudly_without_a_cuda_device():
+    # Every GPU test skips without CUDA, and "9 skipped" reads like a pass. `-o` keeps make from
+    # (re)installing the venv this test already runs in.
+    venv = BIN.parent
+    result = subprocess.run(
+        ["make", "-s", "-o", f"{venv}/.installed-stamp", "gpu-check", f"VENV={venv}"],
+        cwd=REPO, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "make gpu-check: no CUDA device is visible" in result.stderr
+    assert "skipped" not in result.stdout + result.stderr and "Traceback" not in result.stderr

@@ -221,9 +221,11 @@ def test_official_split_agreement(capsys: pytest.CaptureFixture[str]) -> None:
     assert report["malformed"] == []
     assert report["disagree"] == OFFICIAL_DISAGREEMENTS
     assert report["agree"] == 1162 - len(OFFICIAL_DISAGREEMENTS)
+    assert len(report["disagree_lines"]) == len(OFFICIAL_DISAGREEMENTS)
     row_321 = next(d for d in report["disagreements"] if d["row"] == 321)
     assert row_321 == {
         "row": 321,
+        "line": 644,  # every input of the split spans two lines
         "template": "parent",
         "gold": 0,
         "solver": 1,
@@ -243,9 +245,13 @@ def test_solve_cli_reports_malformed_rows(tmp_path: Path, capsys: pytest.Capture
     assert main(["solve", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["rows"], report["agree"], report["disagree"], report["malformed"]) == (4, 2, [1], [3])
+    # Each input spans two lines after the header: the rows start on lines 2, 4, 6 and 8.
+    assert (report["disagree_lines"], report["malformed_lines"]) == ([4], [8])
     assert "closed system" in report["malformed_rows"][0]["error"]
     assert main(["solve", str(path)]) == 0
-    assert "2 agree with gold, 1 disagree, 1 unreadable" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 agree with gold, 1 disagree, 1 unreadable" in out
+    assert "\n  line 4 (" in out and "\n  line 8 (" in out
 
 
 def test_solve_cli_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     retrain.add_argument("--config", type=Path, default=None, help="run configuration (default: the embedded one)")
     retrain.add_argument("--json", action="store_true", help="print the run summary as JSON")
 
-    tiny = command("tiny-model", _tiny_model, "Build the tiny random-weight Qwen2 model and tokenizer into DIR.")
+    tiny = command("tiny-model", _tiny_model, "Build the tiny random-weight Qwen2 model and tokenizer into DIR (new or empty).")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
 
@@ -231,7 +231,9 @@ def _print_listed(lines: list[str], total: int) -> None:
 def _tiny_model(args: argparse.Namespace) -> int:
     from tracesft.data.sample_data import tokenizer_corpus
     from tracesft.train.tiny_model import build_tiny_model
+    from tracesft.user_paths import require_new_folder
 
+    require_new_folder(args.dir, "tiny model")
     print(build_tiny_model(args.dir, tokenizer_corpus(), seed=args.seed))
     return 0
 
@@ -306,9 +308,9 @@ def _solve(args: argparse.Namespace) -> int:
     print(f"{report['rows']} rows ({report['distinct_premises']} distinct premises) in {report['seconds']} s: "
           f"{report['agree']} agree with gold, {len(report['disagree'])} disagree, {len(report['malformed'])} unreadable")
     for row in report["disagreements"]:
-        print(f"  row {row['row']} ({row['template']}): gold {row['gold']}, solver {row['solver']}: {row['derived']}")
+        print(f"  line {row['line']} ({row['template']}): gold {row['gold']}, solver {row['solver']}: {row['derived']}")
     for row in report["malformed_rows"]:
-        print(f"  row {row['row']} ({row['template']}): {row['error']}")
+        print(f"  line {row['line']} ({row['template']}): {row['error']}")
     return 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tracesft.errors import TracesftError
 
@@ -178,6 +178,18 @@ class RegistrySettings(_Settings):
     experiment_name: str = "tracesft"
     model_name: str = "corr2cause-r1-lora"
     promotion_margin: float = Field(0.0, ge=0.0)
+
+    @field_validator("model_name")
+    @classmethod
+    def _mlflow_accepts_model_name(cls, name: str) -> str:
+        # MLflow's own rule for registered model names. MLflow applies it only when the adapter is
+        # registered, after training and evaluation; checked here, the run fails as it loads.
+        if not name.strip() or "/" in name or ":" in name or name == "." or name.startswith(".."):
+            raise ValueError(
+                f"{name!r} is not a name MLflow can register: it must not be blank, contain '/' or ':', "
+                "be '.' or start with '..' (e.g. corr2cause-r1-lora)"
+            )
+        return name
 
 
 class RunConfig(_Settings):

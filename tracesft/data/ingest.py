@@ -33,6 +33,7 @@ from typing import Any, Iterator, Literal
 
 from tracesft.errors import TracesftError
 from tracesft.data.traces import IgnoredFile, IgnoreReason, SkippedRecord, TraceBatch, TraceRecord
+from tracesft.user_paths import jsonl_lines, read_text
 
 OnBadRecord = Literal["error", "skip"]
 
@@ -220,13 +221,7 @@ def ingest(paths: list[str], field_map: dict[str, str] | None = None, on_bad_rec
 
 def _read_json_file(file: Path) -> tuple[list[tuple[str, Any]], dict]:
     try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise TracesftError(
-            f"{file}: not UTF-8 text (byte {err.start} cannot be decoded); re-save the file as UTF-8."
-        ) from None
-    try:
-        document = json.loads(text)
+        document = json.loads(read_text(file, "result file"))
     except json.JSONDecodeError as err:
         raise TracesftError(
             f"{file}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}). "
@@ -251,24 +246,14 @@ def _jsonl_records(file: Path) -> tuple[Iterator[tuple[str, Any]], dict]:
     """Stream (locator, record) pairs; a line that cannot be read yields its `TracesftError`."""
 
     def lines() -> Iterator[tuple[str, Any]]:
-        # Binary lines split on b"\n" only: str.splitlines() would also break at U+2028 and
-        # friends, which JSON writers leave unescaped inside strings.
-        with file.open("rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                where = f"{file} (line {number})"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    yield f"line {number}", TracesftError(
-                        f"{where}: not UTF-8 text (byte {err.start} of the line); re-save the file as UTF-8."
-                    )
-                    continue
-                if not line.strip():
-                    continue
+        for number, line in jsonl_lines(file, "result file"):
+            if isinstance(line, TracesftError):
+                yield f"line {number}", line
+            elif line.strip():
                 try:
                     yield f"line {number}", json.loads(line)
                 except json.JSONDecodeError as err:
-                    yield f"line {number}", TracesftError(f"{where}: not valid JSON ({err.msg}); fix or remove the line.")
+                    yield f"line {number}", TracesftError(f"{file} (line {number}): not valid JSON ({err.msg}); fix or remove the line.")
 
     return lines(), {}
 

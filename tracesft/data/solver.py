@@ -350,32 +350,30 @@ def _bits(mask: int) -> list[int]:
 
 
 def agreement_report(problems: list[EvalProblem]) -> dict:
-    """The solver against the gold labels of an eval set: `tracesft solve CSV --json`."""
-    agree, disagree, details, malformed = 0, [], [], []
+    """The solver against the gold labels of an eval set: `tracesft solve CSV --json`.
+
+    `disagree` and `malformed` list 0-based data rows, as they always have; `disagree_lines` and
+    `malformed_lines` list the same rows as lines of the CSV, the numbering every message uses.
+    """
+    agree, details, malformed = 0, [], []
     for problem in problems:
+        where = {"row": problem.row, "line": problem.line, "template": problem.template}
         try:
             verdict = solve_text(problem.query)
         except MalformedProblemError as err:
-            malformed.append({"row": problem.row, "template": problem.template, "error": str(err)})
+            malformed.append(where | {"error": str(err)})
             continue
         if verdict.label == problem.label:
             agree += 1
             continue
-        disagree.append(problem.row)
-        details.append(
-            {
-                "row": problem.row,
-                "template": problem.template,
-                "gold": problem.label,
-                "solver": verdict.label,
-                "derived": verdict.explain(),
-            }
-        )
+        details.append(where | {"gold": problem.label, "solver": verdict.label, "derived": verdict.explain()})
     return {
         "rows": len(problems),
         "agree": agree,
-        "disagree": disagree,
+        "disagree": [d["row"] for d in details],
+        "disagree_lines": [d["line"] for d in details],
         "malformed": [m["row"] for m in malformed],
+        "malformed_lines": [m["line"] for m in malformed],
         "disagreements": details,
         "malformed_rows": malformed,
         "distinct_premises": len({" ".join(p.query.partition("Hypothesis:")[0].split()) for p in problems}),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import random
 import re
 from collections import defaultdict
@@ -21,6 +22,7 @@ from pydantic import BaseModel
 from tracesft.errors import TracesftError
 from tracesft.data.sft_dataset import SFTDataset, normalize_query
 from tracesft.evaluate.variable_renaming import rename_variables
+from tracesft.user_paths import read_bytes, read_text
 
 EVAL_COLUMNS = ("input", "label", "num_variables", "template")
 
@@ -30,29 +32,42 @@ class EvalProblem(BaseModel):
     label: int
     num_variables: int
     template: str
-    row: int  # 0-based data row in the CSV, to point back at the source
+    row: int  # 0-based data row, the problem's identity within its set
+    # Where messages point: the line of the CSV the row starts on, counted from 1 with the header
+    # as line 1 (docs/architecture.md, "Positions in files"); None for problems not read from a CSV.
+    line: int | None = None
 
 
 def load_eval_set(path: str | Path) -> list[EvalProblem]:
     path = Path(path)
+    rows = csv.reader(io.StringIO(read_text(path, "eval set"), newline=""))
+    problems: list[EvalProblem] = []
+    start = 1  # the line the row being read starts on
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in EVAL_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise TracesftError(
-                    f"{path}: missing column(s) {missing}; a Corr2Cause eval set has columns {', '.join(EVAL_COLUMNS)}."
-                )
-            problems = [_to_problem(row, index, path) for index, row in enumerate(reader)]
-    except FileNotFoundError:
-        raise TracesftError(f"{path}: eval set not found (check the `eval_set` setting).") from None
+        header = next(rows, [])
+        missing = [c for c in EVAL_COLUMNS if c not in header]
+        if missing:
+            raise TracesftError(
+                f"{path}: missing column(s) {missing}; a Corr2Cause eval set has columns {', '.join(EVAL_COLUMNS)}."
+            )
+        start = rows.line_num + 1
+        for fields in rows:
+            # A quoted field may span lines, so a row starts right after the previous one ended.
+            line, start = start, rows.line_num + 1
+            if fields:  # not a blank line
+                problems.append(_to_problem(dict(zip(header, fields)), len(problems), line, path))
+    except csv.Error as err:  # in practice only a field over the csv module's limit of 128 KiB
+        raise TracesftError(
+            f"{path} (line {start}): not readable as CSV ({err}); check the row's quotes: one that is never "
+            "closed runs the field on to the end of the file."
+        ) from None
     if not problems:
         raise TracesftError(f"{path}: the eval set has no rows.")
     return problems
 
 
-def _to_problem(row: dict[str, str], index: int, path: Path) -> EvalProblem:
-    where = f"{path} (data row {index}, line {index + 2})"
+def _to_problem(row: dict[str, str], index: int, line: int, path: Path) -> EvalProblem:
+    where = f"{path} (line {line})"
     missing = [column for column in EVAL_COLUMNS if row.get(column) is None]
     if missing:
         raise TracesftError(f"{where}: the row has no value for {missing}; every row needs {', '.join(EVAL_COLUMNS)}.")
@@ -65,7 +80,12 @@ def _to_problem(row: dict[str, str], index: int, path: Path) -> EvalProblem:
     except (TypeError, ValueError):
         raise TracesftError(f"{where}: column 'num_variables' must be an integer, got {row.get('num_variables')!r}.") from None
     return EvalProblem(
-        query=row["input"], label=int(row["label"]), num_variables=num_variables, template=row["template"], row=index
+        query=row["input"],
+        label=int(row["label"]),
+        num_variables=num_variables,
+        template=row["template"],
+        row=index,
+        line=line,
     )
 
 
@@ -75,10 +95,7 @@ def exclude_seen(problems: list[EvalProblem], seen_queries: set[str]) -> list[Ev
 
 def eval_set_hash(path: str | Path) -> str:
     """SHA-256 of the eval set's bytes: the cache key of loading it, and a lineage tag."""
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except FileNotFoundError:
-        raise TracesftError(f"{path}: eval set not found (check the `eval_set` setting).") from None
+    return hashlib.sha256(read_bytes(Path(path), "eval set (the `eval_set` setting)")).hexdigest()
 
 
 def stratified_sample(problems: list[EvalProblem], size: int, seed: int) -> list[EvalProblem]:
@@ -145,5 +162,5 @@ def validation_problems(dataset: SFTDataset) -> list[EvalProblem]:
 def renamed_problems(problems: list[EvalProblem], source: str = "eval set") -> list[EvalProblem]:
     """The same problems with their variables renamed A→Z, B→Y, … (see `variable_renaming`)."""
     return [
-        p.model_copy(update={"query": rename_variables(p.query, where=f"{source} (data row {p.row})")}) for p in problems
+        p.model_copy(update={"query": rename_variables(p.query, where=f"{source} (line {p.line})")}) for p in problems
     ]

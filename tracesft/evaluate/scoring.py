@@ -18,6 +18,7 @@ from tracesft.evaluate.eval_set import EvalProblem, load_eval_set
 from tracesft.evaluate.evaluation import Prediction, score_predictions
 from tracesft.evaluate.metrics import ScoreReport
 from tracesft.data.sft_dataset import normalize_query
+from tracesft.user_paths import jsonl_lines
 
 _SHOWN = 5  # how many offending rows an error message lists
 
@@ -25,14 +26,10 @@ _SHOWN = 5  # how many offending rows an error message lists
 def load_predictions(path: str | Path) -> dict[str, tuple[int, str]]:
     """Normalised input -> (line number, raw output), from a predictions JSONL file."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise TracesftError(f"{path}: predictions file not found.") from None
-    except UnicodeDecodeError:
-        raise TracesftError(f"{path}: not UTF-8 text; predictions must be JSONL.") from None
     outputs: dict[str, tuple[int, str]] = {}
-    for number, line in enumerate(lines, start=1):
+    for number, line in jsonl_lines(path, "predictions file"):
+        if isinstance(line, TracesftError):
+            raise line
         if not line.strip():
             continue
         where = f"{path} (line {number})"
@@ -70,11 +67,11 @@ def score_file(gold_path: str | Path, predictions_path: str | Path, allow_missin
             f"{predictions_path}: {len(unmatched)} prediction(s) whose 'input' is not a problem of {gold_path} "
             f"(lines {_listing(unmatched)}); 'input' must be the CSV's input text."
         )
-    missing = [p.row for p in gold if normalize_query(p.query) not in outputs]
+    missing = [p.line for p in gold if normalize_query(p.query) not in outputs]
     if missing and not allow_missing:
         raise TracesftError(
             f"{predictions_path}: no prediction for {len(missing)} of {len(gold)} problems of {gold_path} "
-            f"(data rows {_listing(missing)}); add them, or pass --allow-missing to score only the predicted ones."
+            f"(the rows on its lines {_listing(missing)}); add them, or pass --allow-missing to score only the predicted ones."
         )
     predictions = [
         Prediction(

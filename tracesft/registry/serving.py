@@ -27,6 +27,7 @@ from tracesft.generate.inference import for_decoding
 from tracesft.train.modeling import load_base_model, load_tokenizer
 from tracesft.data.prompting import build_prompt
 from tracesft.registry.model_registry import CHAMPION, registry_client
+from tracesft.user_paths import require_new_folder
 
 _MODELS_SCHEME = "models:/"
 MERGED_INFO_FILE = "tracesft_merged.json"
@@ -164,8 +165,7 @@ def export_merged(
     if dtype not in DTYPES:
         raise TracesftError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise TracesftError(f"{out_dir}: the export directory exists and is not empty; give a new one.")
+    require_new_folder(out_dir, "merged model")
     model, tokenizer = merge_adapter(adapter, device, base_model, DTYPES[dtype])
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -191,6 +191,7 @@ def export_registered_merged(
     dtype: str = "bfloat16",
 ) -> Path:
     """`tracesft adapters export`: a registered version (a number or an alias) merged into `out_dir`."""
+    require_new_folder(Path(out_dir), "merged model")  # before the download, not only before the merge
     is_number = version_or_alias.isdigit()
     alias, version = (None, version_or_alias) if is_number else (version_or_alias, None)
     with tempfile.TemporaryDirectory(prefix="tracesft-export-") as scratch:
