@@ -163,14 +163,11 @@ def slots_that_fit(model: Any, max_len: int) -> int:
     Leaves room for the prefill's activations (`engine.PREFILL_TOKENS` rows through the widest
     layer, twice over) and 2 GiB besides.
     """
-    from tracesft.generate.engine import PREFILL_TOKENS, SlotCache
+    from tracesft.generate.engine import PREFILL_TOKENS, SlotCache, free_gpu_bytes
 
     if model.device.type != "cuda":
         return 2**31
-    # Cached blocks are returned first: the freed 4-bit weights, say, sit in segments too small
-    # for a layer's cache, so counting them as free would promise memory that cannot be had.
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info(model.device)
+    free = free_gpu_bytes(model.device)
     config = model.config
     element = model.lm_head.weight.element_size()
     activations = 2 * PREFILL_TOKENS * (4 * config.hidden_size + 3 * config.intermediate_size) * element

@@ -90,22 +90,35 @@ class _Slot:
         return self.request < 0
 
 
+def head_dim(config: Any) -> int:
+    """Width of one attention head (configs name it, or it follows from the hidden size)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """GPU memory that a new large tensor can really have on `device`.
+
+    Cached blocks are returned first: freed 4-bit weights, say, sit in segments too small for a
+    layer's KV cache, so counting the allocator's reserve as free promised memory that could not
+    be had (two out-of-memory restarts in the first H200 run).
+    """
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
+
+
 class SlotCache:
     """Keys and values of every layer, `slots x max_len` positions, flat per layer for the kernels."""
 
     def __init__(self, config: Any, slots: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        heads = config.num_key_value_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (config.num_hidden_layers, slots * max_len, heads, head_dim)
+        shape = (config.num_hidden_layers, slots * max_len, config.num_key_value_heads, head_dim(config))
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.slots, self.max_len = slots, max_len
 
     @staticmethod
     def bytes_per_slot(config: Any, max_len: int, dtype: torch.dtype) -> int:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         element = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.num_hidden_layers * max_len * config.num_key_value_heads * head_dim * element
+        return 2 * config.num_hidden_layers * max_len * config.num_key_value_heads * head_dim(config) * element
 
 
 class Engine:
@@ -125,7 +138,7 @@ class Engine:
         self.dtype = self.embed.weight.dtype
         self.heads = self.config.num_attention_heads
         self.kv_heads = self.config.num_key_value_heads
-        self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.heads
+        self.head_dim = head_dim(self.config)
         self.scale = self.head_dim**-0.5
         self.cache = SlotCache(self.config, slots, max_len, self.device, self.dtype)
         self.slots, self.max_len = slots, max_len

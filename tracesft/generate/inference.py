@@ -145,13 +145,12 @@ def dequantized_size_increase(model: nn.Module) -> int:
 def room_to_dequantize(model: nn.Module, settings: EvalSettings) -> bool:
     """Whether bf16 weights leave room for a KV cache of `min(batch_size, 64)` full-length answers
     (1,024 prompt tokens each) and 8 GiB of working memory."""
-    from tracesft.generate.engine import SlotCache
+    from tracesft.generate.engine import SlotCache, free_gpu_bytes
 
     device = next(model.parameters()).device
     if device.type != "cuda":
         return False
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    free = free_gpu_bytes(device)
     slots = min(settings.batch_size, 64)
     kv = slots * SlotCache.bytes_per_slot(model.config, 1024 + settings.max_new_tokens, torch.bfloat16)
     return free - dequantized_size_increase(model) >= kv + 8 * 2**30
