@@ -147,10 +147,11 @@ class EvalSettings(_Settings):
     """Generation settings for scoring base and fine-tuned models on the eval set."""
 
     max_new_tokens: int = Field(2048, gt=0)
-    # Most sequences decoded at once, halved on out-of-memory. The engine (`fast_inference`) takes
-    # fewer where GPU memory holds fewer KV-cache slots of prompt + max_new_tokens positions (~100
-    # on an H200 beside the 32B's bf16 weights, ~85 on an 80 GB card beside its NF4 weights).
-    batch_size: int = Field(128, gt=0)
+    # Most sequences decoded at once, halved on out-of-memory. The engine (`fast_inference`) keeps
+    # in its KV pool only what is in flight (prompts and answers so far): when the pool is full the
+    # latest admitted request waits and is recomputed. 256 on the 32B on an H200: the pool (~290k
+    # positions beside the bf16 weights) holds 256 answers of the evaluation's lengths.
+    batch_size: int = Field(256, gt=0)
     do_sample: bool = False
     temperature: float = Field(0.6, gt=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
