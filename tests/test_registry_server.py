@@ -374,4 +374,4 @@ def test_unreachable_server_is_one_clear_cli_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     assert main(["adapters", "list"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: MLflow registry at {uri} failed after 1 retries") and "Traceback" not in err
+    assert err.startswith(f"error: MLflow at {uri} failed after 1 retries") and "Traceback" not in err

@@ -17,10 +17,18 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tracesft.config import TrainingRecipe, embedded_config_path, load_run_config, with_traces, with_training_overrides
+from tracesft.config import (
+    RegistrySettings,
+    RunConfig,
+    TrainingRecipe,
+    embedded_config_path,
+    load_run_config,
+    with_traces,
+    with_training_overrides,
+)
 from tracesft.device import require_device
 from tracesft.errors import TracesftError
-from tracesft.train.tracking import STATE_DIR
+from tracesft.workspace import state_dir, use_workspace_zenml_store
 
 
 # Every scalar or list field of the recipe is a flag; nested settings (`distributed`) stay in the YAML.
@@ -123,16 +131,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    _prepare_embedded_workspace()
     return _run_and_report(embedded_config_path(), args.json, embedded_config_path())
 
 
-def _prepare_embedded_workspace() -> None:
-    # The embedded default keeps its ZenML store beside its MLflow database, away from the user's own.
-    os.environ.setdefault("ZENML_CONFIG_PATH", str((STATE_DIR / "zenml").resolve()))
-    from tracesft.workspace import prepare_demo_workspace
+def _use_state_of(config: Path | None) -> None:
+    """Find the state of `config` (None: the embedded default) as every command finds it.
 
-    prepare_demo_workspace()
+    The embedded default's files are laid out in the workspace and its ZenML store is the
+    workspace's (`tracesft.workspace.use_workspace_zenml_store`); a given configuration uses the
+    active ZenML store, as `zenml pipeline run -c FILE` does.
+    """
+    if config is None or config == embedded_config_path():
+        use_workspace_zenml_store()
+        from tracesft.workspace import prepare_demo_workspace
+
+        prepare_demo_workspace()
+
+
+def _registry_of(args: argparse.Namespace) -> tuple[RunConfig, RegistrySettings]:
+    """The run configuration of an `adapters` command and its registry, which must exist already."""
+    from tracesft.train.tracking import existing_tracking_uri
+
+    if args.config is None:
+        use_workspace_zenml_store()  # promote and rollback move the ZenML stage of the demo's runs
+    run_config = load_run_config(args.config)
+    existing_tracking_uri(run_config.registry)
+    return run_config, run_config.registry
 
 
 def _metavar(annotation: object) -> str:
@@ -148,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, f"recipe_{name}") for name in RECIPE_FLAGS
                  if getattr(args, f"recipe_{name}") is not None}
     if overrides:
-        config = with_training_overrides(config, overrides, STATE_DIR / "run-configs")
+        config = with_training_overrides(config, overrides, state_dir() / "run-configs")
     load_run_config(config)  # fail fast, with a clear message, before ZenML starts
     return _run_and_report(config, args.json, args.config or embedded_config_path())
 
@@ -156,8 +180,6 @@ def _run(args: argparse.Namespace) -> int:
 def _retrain(args: argparse.Namespace) -> int:
     if not args.traces.is_dir():
         raise TracesftError(f"{args.traces}: no such folder; give the folder where new GPT result files arrive.")
-    if args.config is None:
-        _prepare_embedded_workspace()
     source = args.config or embedded_config_path()
     load_run_config(source)  # fail fast, with a clear message, before ZenML starts
     with tempfile.TemporaryDirectory(prefix="tracesft-retrain-") as directory:
@@ -173,6 +195,7 @@ def _run_and_report(config: Path, as_json: bool, shown_config: Path) -> int:
 
     run_config = load_run_config(config)
     require_device(run_config.device, str(shown_config))  # before ZenML starts, not in its first GPU step
+    _use_state_of(shown_config)
     settings = run_config.registry
     summary = run_summary(run_pipeline(config))
     if as_json:
@@ -317,7 +340,7 @@ def _solve(args: argparse.Namespace) -> int:
 def _adapters_list(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import list_versions
 
-    rows = list_versions(load_run_config(args.config).registry)
+    rows = list_versions(_registry_of(args)[1])
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     elif not rows:
@@ -332,7 +355,7 @@ def _adapters_list(args: argparse.Namespace) -> int:
 def _adapters_show(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import list_versions
 
-    settings = load_run_config(args.config).registry
+    settings = _registry_of(args)[1]
     match = [row for row in list_versions(settings) if row["version"] == args.version]
     if not match:
         raise TracesftError(f"{settings.model_name} has no version {args.version!r}; see `tracesft adapters list`.")
@@ -343,7 +366,7 @@ def _adapters_show(args: argparse.Namespace) -> int:
 def _adapters_promote(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import promote_version
 
-    settings = load_run_config(args.config).registry
+    settings = _registry_of(args)[1]
     change = promote_version(settings, args.version, force=args.force, reason=args.reason)
     return _report_change(settings, change, args.json)
 
@@ -351,7 +374,7 @@ def _adapters_promote(args: argparse.Namespace) -> int:
 def _adapters_rollback(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import rollback_champion
 
-    settings = load_run_config(args.config).registry
+    settings = _registry_of(args)[1]
     return _report_change(settings, rollback_champion(settings, reason=args.reason), args.json)
 
 
@@ -373,7 +396,7 @@ def _report_change(settings, change, as_json: bool) -> int:
 def _adapters_history(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import champion_history
 
-    history = champion_history(load_run_config(args.config).registry)
+    history = champion_history(_registry_of(args)[1])
     if args.json:
         print(json.dumps([change.model_dump() for change in history], indent=2))
     elif not history:
@@ -387,9 +410,8 @@ def _adapters_history(args: argparse.Namespace) -> int:
 def _adapters_export(args: argparse.Namespace) -> int:
     from tracesft.registry.serving import export_registered_merged
 
-    run_config = load_run_config(args.config)
+    run_config, settings = _registry_of(args)
     require_device(run_config.device, str(args.config or embedded_config_path()))
-    settings = run_config.registry
     out = export_registered_merged(settings, args.version, args.merged, run_config.device, args.base_model, args.dtype)
     if args.json:
         print(json.dumps({"name": settings.model_name, "version": args.version, "merged": str(out), "dtype": args.dtype}))
