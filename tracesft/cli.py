@@ -118,11 +118,16 @@ def _parser() -> argparse.ArgumentParser:
     rollback.set_defaults(handler=_adapters_rollback)
     history = adapter_commands.add_parser("history", help="every change of champion, oldest first")
     history.set_defaults(handler=_adapters_history)
-    export = adapter_commands.add_parser("export", help="write base + adapter merged into one model for serving")
+    export = adapter_commands.add_parser(
+        "export", help="write the adapter and the exact base it was evaluated on; --merged: one merged model, measured"
+    )
     export.add_argument("version", help="a version number or an alias (champion, challenger)")
-    export.add_argument("--merged", type=Path, required=True, metavar="OUT", help="a new directory for the merged model")
-    export.add_argument("--base-model", default=None, help="the base model here, if not where the adapter records it")
-    export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    export.add_argument("out", type=Path, nargs="?", default=None, help="a new directory for the export")
+    export.add_argument("--merged", type=Path, nargs="?", const=True, default=None, metavar="OUT",
+                        help="write base + adapter merged instead (refused when its logits move from the evaluated "
+                             "adapter's by more than registry.max_merged_logit_deviation); OUT may be given here")
+    export.add_argument("--base-model", default=None, help="with --merged: the base model here, if not where the adapter records it")
+    export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="with --merged")
     export.set_defaults(handler=_adapters_export)
     for sub in (listing, show, promote, rollback, history, export):
         sub.add_argument("--config", type=Path, default=None)
@@ -408,15 +413,24 @@ def _adapters_history(args: argparse.Namespace) -> int:
 
 
 def _adapters_export(args: argparse.Namespace) -> int:
-    from tracesft.registry.serving import export_registered_merged
+    from tracesft.registry.serving import export_registered
 
-    run_config, settings = _registry_of(args)
+    merged = args.merged is not None
+    outs = [out for out in (args.out, None if args.merged is True else args.merged) if out is not None]
+    if len(outs) != 1:
+        raise TracesftError("give one output folder: `adapters export VERSION OUT [--merged]` (or the older `--merged OUT`).")
+    run_config = load_run_config(args.config)  # the registry's existence is checked after the output folder's
     require_device(run_config.device, str(args.config or embedded_config_path()))
-    out = export_registered_merged(settings, args.version, args.merged, run_config.device, args.base_model, args.dtype)
+    settings = run_config.registry
+    report = export_registered(settings, args.version, outs[0], run_config.device, merged, args.base_model, args.dtype)
     if args.json:
-        print(json.dumps({"name": settings.model_name, "version": args.version, "merged": str(out), "dtype": args.dtype}))
+        print(json.dumps(report))
+    elif merged:
+        print(f"Merged {settings.model_name} version {report['version']} ({args.dtype}) into {outs[0]}; logits within "
+              f"{report['max_logit_deviation']:.2e} (relative) of the evaluated adapter, recorded on the version.")
     else:
-        print(f"Merged {settings.model_name} {args.version} ({args.dtype}) into {out}")
+        print(f"Exported {settings.model_name} version {report['version']} into {outs[0]}: the adapter and its base "
+              f"{report['base_model']} (see {outs[0] / 'tracesft_export.json'}).")
     return 0
 
 

@@ -179,6 +179,12 @@ class RegistrySettings(_Settings):
     experiment_name: str = "tracesft"
     model_name: str = "corr2cause-r1-lora"
     promotion_margin: float = Field(0.0, ge=0.0)
+    # `adapters export --merged` refuses a merge whose logits move further than this (relative, on
+    # fixed prompts) from the evaluated adapter. 0.02 is the bound the evaluation's own fast paths
+    # are held to (benchmarks/eval_throughput.py): a merge is served only if it is as faithful to
+    # the promoted scores as evaluation is to the seed. A float32 merge stays near 1e-6; the 32B's
+    # bf16 merge moved 0.143 and is refused.
+    max_merged_logit_deviation: float = Field(0.02, ge=0.0)
 
     @field_validator("model_name")
     @classmethod
