@@ -19,7 +19,6 @@ from pydantic import BaseModel
 
 from tracesft.config import (
     RegistrySettings,
-    RunConfig,
     TrainingRecipe,
     embedded_config_path,
     load_run_config,
@@ -153,15 +152,15 @@ def _use_state_of(config: Path | None) -> None:
         prepare_demo_workspace()
 
 
-def _registry_of(args: argparse.Namespace) -> tuple[RunConfig, RegistrySettings]:
-    """The run configuration of an `adapters` command and its registry, which must exist already."""
+def _registry_of(args: argparse.Namespace) -> RegistrySettings:
+    """The registry an `adapters` command reads, which must exist already."""
     from tracesft.train.tracking import existing_tracking_uri
 
     if args.config is None:
         use_workspace_zenml_store()  # promote and rollback move the ZenML stage of the demo's runs
-    run_config = load_run_config(args.config)
-    existing_tracking_uri(run_config.registry)
-    return run_config, run_config.registry
+    settings = load_run_config(args.config).registry
+    existing_tracking_uri(settings)
+    return settings
 
 
 def _metavar(annotation: object) -> str:
@@ -345,7 +344,7 @@ def _solve(args: argparse.Namespace) -> int:
 def _adapters_list(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import list_versions
 
-    rows = list_versions(_registry_of(args)[1])
+    rows = list_versions(_registry_of(args))
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     elif not rows:
@@ -360,7 +359,7 @@ def _adapters_list(args: argparse.Namespace) -> int:
 def _adapters_show(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import list_versions
 
-    settings = _registry_of(args)[1]
+    settings = _registry_of(args)
     match = [row for row in list_versions(settings) if row["version"] == args.version]
     if not match:
         raise TracesftError(f"{settings.model_name} has no version {args.version!r}; see `tracesft adapters list`.")
@@ -371,7 +370,7 @@ def _adapters_show(args: argparse.Namespace) -> int:
 def _adapters_promote(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import promote_version
 
-    settings = _registry_of(args)[1]
+    settings = _registry_of(args)
     change = promote_version(settings, args.version, force=args.force, reason=args.reason)
     return _report_change(settings, change, args.json)
 
@@ -379,7 +378,7 @@ def _adapters_promote(args: argparse.Namespace) -> int:
 def _adapters_rollback(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import rollback_champion
 
-    settings = _registry_of(args)[1]
+    settings = _registry_of(args)
     return _report_change(settings, rollback_champion(settings, reason=args.reason), args.json)
 
 
@@ -401,7 +400,7 @@ def _report_change(settings, change, as_json: bool) -> int:
 def _adapters_history(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import champion_history
 
-    history = champion_history(_registry_of(args)[1])
+    history = champion_history(_registry_of(args))
     if args.json:
         print(json.dumps([change.model_dump() for change in history], indent=2))
     elif not history:

@@ -124,7 +124,10 @@ def mlflow_tracking(settings: RegistrySettings) -> Iterator[str]:
     threads track into different stores at once.
 
     With a sqlite store the artifacts sit beside the database file instead of in an `mlruns/` of
-    whatever directory the process happens to start in.
+    whatever directory the process happens to start in. MLflow calls inside the block have
+    bounded retries, and one that still fails leaves it as one `TracesftError` line; an
+    `mlflow.start_run` inside has already ended its run as FAILED on the way out, if the server
+    still answered.
     """
     import mlflow
     from mlflow import MlflowClient
