@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tracesft.errors import TracesftError
+from tracesft.workspace import ModelSource, WorkspacePath
 
 PRODUCTION_BASE_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"
 
@@ -94,8 +95,8 @@ class TrainingRecipe(_Settings):
     liger_kernels: bool = True  # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) on CUDA; the loss head is TRL's
     eval_steps: int | None = Field(None, gt=0)  # validation loss every N steps; None: each epoch
     save_steps: int = Field(50, gt=0)  # a resumable checkpoint every N optimizer steps
-    checkpoint_dir: str | None = None  # persistent root to resume from (a mounted volume); None: scratch only
-    quantized_base_cache: str | None = None  # directory keeping the 4-bit base once built; None: no cache
+    checkpoint_dir: WorkspacePath | None = None  # persistent root to resume from (a mounted volume); None: scratch only
+    quantized_base_cache: WorkspacePath | None = None  # directory keeping the 4-bit base once built; None: no cache
 
     @model_validator(mode="after")
     def _full_fine_tuning_is_unquantised(self) -> "TrainingRecipe":
@@ -162,7 +163,7 @@ class EvalSettings(_Settings):
     validation_split: bool = True  # also score the traces' validation split
     renamed_variables: bool = True  # also score the eval set with variables renamed A→Z, B→Y, …
     # Per-example generations are cached here, so an interrupted evaluation resumes; None: off.
-    cache_dir: str | None = ".tracesft/eval-cache"
+    cache_dir: WorkspacePath | None = Field(".tracesft/eval-cache", validate_default=True)
     # Decode with the continuous-batching engine (`tracesft.generate.engine`) on the seed's layers
     # without PEFT's wrappers, the NF4 base dequantised once to bf16 where memory allows and the
     # adapter unmerged (BENCHMARKS.md). false: HF `generate` through PEFT in static batches, as the seed.
@@ -179,6 +180,12 @@ class RegistrySettings(_Settings):
     experiment_name: str = "tracesft"
     model_name: str = "corr2cause-r1-lora"
     promotion_margin: float = Field(0.0, ge=0.0)
+    # `adapters export --merged` refuses a merge whose logits move further than this (relative, on
+    # fixed prompts) from the evaluated adapter. 0.02 is the bound the evaluation's own fast paths
+    # are held to (benchmarks/eval_throughput.py): a merge is served only if it is as faithful to
+    # the promoted scores as evaluation is to the seed. A float32 merge stays near 1e-6; the 32B's
+    # bf16 merge moved 0.143 and is refused.
+    max_merged_logit_deviation: float = Field(0.02, ge=0.0)
 
     @field_validator("model_name")
     @classmethod
@@ -196,15 +203,15 @@ class RegistrySettings(_Settings):
 class RunConfig(_Settings):
     """Everything one pipeline run needs; mirrors the pipeline's parameters one to one."""
 
-    traces: list[str] = Field(min_length=1)
+    traces: list[WorkspacePath] = Field(min_length=1)
     device: Device = "cuda"  # cpu: unquantised fp32 with AdamW (the demo); cuda: the seed recipe as written
     field_map: dict[str, str] = Field(default_factory=dict)
     # A record ingestion cannot read (e.g. one broken JSONL line): stop the run ("error") or skip
     # it and list it in the ingested batch and the step's metadata ("skip").
     on_bad_record: Literal["error", "skip"] = "error"
-    base_model: str = PRODUCTION_BASE_MODEL
+    base_model: ModelSource = PRODUCTION_BASE_MODEL
     base_model_revision: str | None = None
-    eval_set: str
+    eval_set: WorkspacePath
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
     training: TrainingRecipe = Field(default_factory=TrainingRecipe)
@@ -244,7 +251,7 @@ def with_training_overrides(path: str | Path | None, overrides: dict[str, str], 
 
 
 def _accepts_none(annotation: object) -> bool:
-    return "None" in str(annotation)
+    return type(None) in get_args(annotation)
 
 
 def embedded_config_path() -> Path:
