@@ -178,6 +178,10 @@ class RegistrySettings(_Settings):
     experiment_name: str = "tracesft"
     model_name: str = "corr2cause-r1-lora"
     promotion_margin: float = Field(0.0, ge=0.0)
+    # How long a registration or promotion may hold the registry lock before it stops writing; a
+    # holder that died is taken over once its hold is this old plus the HTTP timeout
+    # (tracesft/registry/lock.py). Waiters give up after half of it.
+    lock_lease_s: float = Field(60.0, gt=0.0)
 
     @field_validator("model_name")
     @classmethod

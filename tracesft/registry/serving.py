@@ -103,7 +103,7 @@ def download_registered_adapter(
                 raise TracesftError(f"{name} has no {what}; see `tracesft adapters list`.") from None
             raise
         dst = Path(dst or tempfile.mkdtemp(prefix="tracesft-adapter-"))
-        local = download_artifacts(artifact_uri=found.source, dst_path=str(dst), tracking_uri=client.tracking_uri)
+        local = client.call(download_artifacts, artifact_uri=found.source, dst_path=str(dst), tracking_uri=client.uri)
     return LoraAdapter(Path(local)), str(found.version)
 
 
