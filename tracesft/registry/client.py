@@ -35,7 +35,7 @@ T = TypeVar("T")
 RETRIES_VARIABLE = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 BACKOFF_VARIABLE = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
 TIMEOUT_VARIABLE = "MLFLOW_HTTP_REQUEST_TIMEOUT"
-DEFAULT_RETRIES, DEFAULT_BACKOFF_S, DEFAULT_TIMEOUT_S = 3, 1.0, 60
+DEFAULT_RETRIES, DEFAULT_BACKOFF_S, DEFAULT_TIMEOUT_S = 3, 1, 60  # integers, as MLflow reads them
 # Error codes of failures that may pass: the server or a proxy in trouble, or a busy database.
 _TRANSIENT_CODES = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"})
 # Creates that may not be resent blind (see `create_once`).
@@ -143,7 +143,7 @@ def _mlflow_retries_off() -> Iterator[tuple[int, float]]:
     with _environment_guard:
         users = dict(_saved_environment) if _calls_running else {name: os.environ.get(name) for name in _SET_HERE}
         retries = _number(RETRIES_VARIABLE, users[RETRIES_VARIABLE], DEFAULT_RETRIES, int)
-        backoff_s = _number(BACKOFF_VARIABLE, os.environ.get(BACKOFF_VARIABLE), DEFAULT_BACKOFF_S, float)
+        backoff_s = _number(BACKOFF_VARIABLE, os.environ.get(BACKOFF_VARIABLE), DEFAULT_BACKOFF_S, int)
         if _calls_running == 0:
             _saved_environment.clear()
             _saved_environment.update(users)
