@@ -55,5 +55,5 @@ def run_summary(run: Any) -> dict[str, Any]:
     if register is not None and promote is not None:
         summary["registered"] = register.outputs["registered_version"][0].load().model_dump()
         summary["promotion"] = promote.outputs["promotion_decision"][0].load().model_dump()
-        summary["new_version"] = steps["register_adapter"] != "cached"
+        summary["new_version"] = not summary["registered"]["reused"]  # the step always runs: found, or registered
     return summary

@@ -9,11 +9,13 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 
 from tracesft.train.adapter import METADATA_FILE, LoraAdapter, write_metadata
 from tracesft.cli import main
 from tracesft.config import RegistrySettings, load_run_config
+from tracesft.errors import TracesftError
 from tracesft.data.prompting import prompt_template
 from tracesft.registry.model_registry import (
     CHALLENGER,
@@ -150,8 +152,38 @@ def test_content_hash_ignores_lineage_but_not_weights(tmp_path: Path) -> None:
     before = adapter.content_hash()
     write_metadata(adapter.path, adapter.metadata | {"mlflow_run_id": "another run"})
     assert adapter.content_hash() == before
-    (adapter.path / "adapter_model.safetensors").write_bytes(b"\x01" * 64)
+    save_weights(adapter.path, b"other weights")
     assert adapter.content_hash() != before
+
+
+def test_content_hash_is_canonical(tmp_path: Path) -> None:
+    """What PEFT writes differently for the same function hashes the same: the order of
+    `target_modules`, key order, where the base lived, the safetensors header's order and metadata."""
+    from safetensors.numpy import save_file
+
+    first, second = make_adapter(tmp_path, "first"), make_adapter(tmp_path, "second")
+    save_weights(second.path, b"first")
+    config = json.loads((first.path / "adapter_config.json").read_text())
+    reordered = dict(reversed(list(config.items()))) | {
+        "target_modules": ["v_proj", "q_proj"], "base_model_name_or_path": "/elsewhere/tiny-base", "peft_version": "9.9",
+    }
+    (second.path / "adapter_config.json").write_text(json.dumps(reordered))
+    tensors = {"b": np.arange(4, dtype=np.float32), "a": np.frombuffer(b"first".ljust(8, b"\0"), dtype=np.uint8)}
+    save_file(tensors, str(first.path / "adapter_model.safetensors"))
+    save_file(dict(reversed(tensors.items())), str(second.path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    assert first.content_hash() == second.content_hash()
+    (second.path / "adapter_config.json").write_text(json.dumps(reordered | {"lora_alpha": 64}))  # scales the update
+    assert first.content_hash() != second.content_hash()
+
+
+def test_content_hash_of_a_folder_without_weights_is_one_clear_error(tmp_path: Path) -> None:
+    adapter = make_adapter(tmp_path, "a")
+    (adapter.path / "adapter_model.safetensors").unlink()
+    with pytest.raises(TracesftError, match="has no adapter_model.safetensors"):
+        adapter.content_hash()
+    (adapter.path / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(TracesftError, match="not a readable safetensors file"):
+        adapter.content_hash()
 
 
 # --- a real registry -------------------------------------------------------------------------
@@ -163,8 +195,14 @@ def make_adapter(root: Path, name: str, **metadata: Any) -> LoraAdapter:
     (path / "adapter_config.json").write_text(
         json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]})
     )
-    (path / "adapter_model.safetensors").write_bytes(name.encode().ljust(64, b"\x00"))  # distinct content per name
+    save_weights(path, name.encode())  # distinct content per name
     return write_metadata(path, {"base_model": "tiny-base", "traces_content_hash": "ab" * 32, **metadata})
+
+
+def save_weights(path: Path, content: bytes) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"lora_A": np.frombuffer(content.ljust(64, b"\0"), dtype=np.uint8)}, str(path / "adapter_model.safetensors"))
 
 
 def metrics(finetuned_f1: float, base_f1: float = 0.40) -> dict[str, float]:
@@ -320,21 +358,30 @@ def test_a_second_configuration_in_the_same_process_gets_its_own_registry(
     assert mlflow.tracking.is_tracking_uri_set() == set_before  # MLflow is left as it was found
 
 
-def test_bounded_http_retries_last_as_long_as_the_registry_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Set while any call runs (calls may overlap, in threads), gone after the last; the user's values win."""
-    retries, backoff, timeout = "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"
-    monkeypatch.delenv(retries, raising=False)
-    monkeypatch.delenv(backoff, raising=False)
-    monkeypatch.setenv(timeout, "7")
+def test_mlflow_retries_are_off_while_registry_calls_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """MLflow's own retries (which resend creates) are off while any call runs (calls may overlap, in
+    threads); tracesft retries instead, as often as the user's variable says; after the last call
+    the user's values are back."""
+    retries, timeout = "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"
+    monkeypatch.setenv(retries, "5")
+    monkeypatch.delenv(timeout, raising=False)
     settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     first, second = registry_client(settings), registry_client(settings)
-    first.__enter__()
-    assert (os.environ[retries], os.environ[backoff], os.environ[timeout]) == ("3", "1", "7")
-    second.__enter__()
+    assert first.__enter__().retries == 5
+    assert (os.environ[retries], os.environ[timeout]) == ("0", "60")
+    assert second.__enter__().retries == 5
     first.__exit__(None, None, None)  # the first call ends while the second still runs
-    assert os.environ[retries] == "3"
+    assert os.environ[retries] == "0"
     second.__exit__(None, None, None)
-    assert retries not in os.environ and backoff not in os.environ and os.environ[timeout] == "7"
+    assert os.environ[retries] == "5" and timeout not in os.environ
+
+
+def test_a_retry_setting_that_is_not_a_number_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "three")
+    with pytest.raises(TracesftError, match="MLFLOW_HTTP_REQUEST_MAX_RETRIES is 'three', not a number"):
+        with registry_client(RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")):
+            pass
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "three"
 
 
 def test_tracking_leaves_mlflow_following_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

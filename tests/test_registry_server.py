@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -226,7 +227,7 @@ def test_cli_promote_refuses_a_version_without_evaluation(env: dict[str, Any], c
     assert main(["adapters", "promote", "2", "--force", "--reason", "hotfix", "--json", "--config", config]) == 0
     change = json.loads(capsys.readouterr().out)
     assert (change["version"], change["previous"], change["forced"], change["reason"]) == ("2", "1", True, "hotfix")
-    assert "not mirrored" in change["zenml"]  # registered outside a ZenML pipeline
+    assert "zenml" not in change  # the alias is the one record of the champion: no mirror to report on
     assert aliases(env["settings"])[CHAMPION] == "2"
 
 
@@ -315,7 +316,7 @@ def test_racing_promotions_leave_one_champion_and_a_consistent_history(env: dict
         assert later.previous == earlier.version  # each change starts from where the last one ended
     assert aliases(settings)[CHAMPION] == history[-1].version
     with registry_client(settings) as client:
-        assert not client.search_registered_models(filter_string=f"name = '{lock_name(settings.model_name)}'")  # released
+        assert not client.search_model_versions(filter_string=f"name = '{lock_name(settings.model_name)}'")  # released
 
 
 def test_racing_cli_processes(env: dict[str, Any]) -> None:
@@ -337,13 +338,26 @@ def test_racing_cli_processes(env: dict[str, Any]) -> None:
     assert aliases(settings)[CHAMPION] == history[-1].version
 
 
-def test_a_stale_lock_is_broken(env: dict[str, Any]) -> None:
+def test_a_dead_holders_ticket_is_taken_over_by_the_servers_clock(env: dict[str, Any]) -> None:
+    """A ticket left by a holder that died is deleted once older than lease + HTTP timeout + margin;
+    a fresh one is waited for, and the waiter gives up with one line naming the holder."""
     name = env["settings"].model_name
     with registry_client(env["settings"]) as client:
-        client.create_registered_model(lock_name(name))  # left behind by a crashed holder
-        with registry_lock(client, name, wait_s=10, stale_after_s=0.0):
+        with registry_lock(client, name, lease_s=30):  # creates the lock model
             pass
-        assert not client.search_registered_models(filter_string=f"name = '{lock_name(name)}'")
+        dead = client.raw.create_model_version(lock_name(name), source="tracesft-lock:/ticket", await_creation_for=0,
+                                               tags={"tracesft_lock_holder": "crashed-host:1"})
+        with pytest.raises(TracesftError, match="held by crashed-host:1"):
+            with registry_lock(client, name, lease_s=0.5):  # 0.5 + timeout 60 + 5 s: not yet
+                pass
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+            mp.setattr("tracesft.registry.lock.TAKEOVER_MARGIN_S", 0.0)
+            time.sleep(2.0)  # a waiter gives up after lease / 2: the dead ticket must be old when it comes
+            with registry_lock(client, name, lease_s=1.0):  # taken over at 1 + 1 s old
+                live = [v.version for v in client.search_model_versions(filter_string=f"name = '{lock_name(name)}'")]
+                assert dead.version not in live
+        assert not client.search_model_versions(filter_string=f"name = '{lock_name(name)}'")
 
 
 # --- a server that dies mid-registration (it is restarted whatever happens) ---------------------
@@ -352,22 +366,22 @@ def test_a_stale_lock_is_broken(env: dict[str, Any]) -> None:
 def test_server_dying_mid_registration_is_a_clear_error_and_leaves_no_version(
     env: dict[str, Any], server: MlflowServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mlflow
+    from mlflow import MlflowClient
 
     with_champion(env)
-    upload = mlflow.log_artifacts
+    upload = MlflowClient.log_artifacts
 
     def crash_then_upload(*args: Any, **kwargs: Any) -> None:
         server.kill()  # the run exists and its metrics are logged; the server dies before the files go up
         upload(*args, **kwargs)
 
     lora = adapter(env, seed=7)
-    monkeypatch.setattr(mlflow, "log_artifacts", crash_then_upload)
+    monkeypatch.setattr(MlflowClient, "log_artifacts", crash_then_upload)
     try:
         with pytest.raises(TracesftError) as failure:
             register_adapter(lora, scores(0.9), lineage(lora), env["settings"])
     finally:
-        monkeypatch.setattr(mlflow, "log_artifacts", upload)
+        monkeypatch.setattr(MlflowClient, "log_artifacts", upload)
         if not server.running():
             server.start()
     message = str(failure.value)

@@ -213,7 +213,7 @@ def _run_and_report(config: Path, as_json: bool, shown_config: Path) -> int:
         if summary["new_version"]:
             print(f"Registered {registered['name']} version {registered['version']} (alias challenger).")
         else:
-            print(f"Nothing new registered: inputs unchanged, version {registered['version']} still stands.")
+            print(f"Nothing new registered: found version {registered['version']} (same adapter content) in the registry.")
         print(f"Promotion gate: {'PROMOTED to champion' if decision['promoted'] else 'not promoted'}: {decision['reason']}.")
         for row in list_versions(settings):
             if row["version"] == registered["version"]:
@@ -383,17 +383,11 @@ def _adapters_rollback(args: argparse.Namespace) -> int:
 
 
 def _report_change(settings, change, as_json: bool) -> int:
-    from tracesft.registry.control_plane import mirror_champion
-    from tracesft.registry.model_registry import list_versions
-
-    tags = next((row["tags"] for row in list_versions(settings) if row["version"] == change.version), {})
-    mirrored = mirror_champion(tags)
     if as_json:
-        print(json.dumps(change.model_dump() | {"name": settings.model_name, "zenml": mirrored}, indent=2))
+        print(json.dumps(change.model_dump() | {"name": settings.model_name}, indent=2))
     else:
         print(f"{settings.model_name}: champion is now version {change.version} "
               f"(was {change.previous or 'none'}; {change.action}{', forced' if change.forced else ''}: {change.reason}).")
-        print(mirrored)
     return 0
 
 

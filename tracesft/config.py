@@ -186,6 +186,10 @@ class RegistrySettings(_Settings):
     # the promoted scores as evaluation is to the seed. A float32 merge stays near 1e-6; the 32B's
     # bf16 merge moved 0.143 and is refused.
     max_merged_logit_deviation: float = Field(0.02, ge=0.0)
+    # How long a registration or promotion may hold the registry lock before it stops writing; a
+    # holder that died is taken over once its hold is this old plus the HTTP timeout
+    # (tracesft/registry/lock.py). Waiters give up after half of it.
+    lock_lease_s: float = Field(60.0, gt=0.0)
 
     @field_validator("model_name")
     @classmethod

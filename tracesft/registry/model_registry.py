@@ -5,46 +5,55 @@ Aliases, not stages (stages are deprecated in MLflow 3): every new version gets 
 Lineage goes on the version as tags, the scores on its run as metrics, so
 `models:/<name>@champion` always says where it came from.
 
-Safety rules, all enforced here:
-- Every change of `champion` happens under the registry lock (`registry_lock`) together with an
-  entry in the champion history (registered-model tags `champion_history.NNNNNN`), so racing
-  promotions leave one champion and a history whose last entry names it.
+Safety rules, all enforced here and in the modules named:
+- Registration is idempotent on the registry it is pointed at: an adapter whose content hash
+  (`LoraAdapter.content_hash`, canonical) is there already is found, not registered again; one
+  that is not is registered, whatever ZenML's cache holds (the step runs every time).
+- Every registry call has bounded retries, and a create whose response was lost is found by
+  content hash instead of repeated (`tracesft.registry.client`).
+- Registrations, promotions and rollbacks run under the registry lock (`tracesft.registry.lock`),
+  so racing commands leave one champion, and one version per content hash.
+- The alias is the one record of the champion; its history is written before the alias moves
+  and checked against it (`tracesft.registry.champion`).
 - A version is created last, in one request that carries all its tags, after its files are
-  uploaded: a registry that fails midway leaves no version at all, or (if only the final alias
-  step failed and the clean-up could not reach the server either) a complete version that the
-  next registration of the same adapter picks up.
-- The same adapter content (weights, config, tokenizer, prompt template) is registered once.
-- MLflow's HTTP retries are bounded while a registry call runs (`tracking.bounded_http_retries`); when the
-  server stays unreachable the caller gets a `TracesftError` that says so.
+  uploaded: a registry that fails midway leaves no version, or a complete one that the next
+  registration of the same adapter finds.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime, timezone
-from typing import Any, Literal
+import time
+from typing import Any
 
 from pydantic import BaseModel
 
-from tracesft.train.adapter import LoraAdapter
 from tracesft.config import RegistrySettings
+from tracesft.data.prompting import prompt_template
 from tracesft.errors import TracesftError
 from tracesft.evaluate.evaluation import EvalReport
-from tracesft.data.prompting import prompt_template
+from tracesft.registry.champion import (
+    CHAMPION,
+    ChampionChange,
+    champion_stack,
+    current_champion,
+    move_champion,
+    read_history,
+    settle_history,
+)
+from tracesft.registry.client import RegistryClient, registry_client
 from tracesft.registry.lock import registry_lock
-from tracesft.train.tracking import bounded_http_retries, mlflow_failure, mlflow_tracking, resolve_tracking_uri
+from tracesft.train.adapter import LoraAdapter
+from tracesft.train.tracking import mlflow_tracking
+
+__all__ = ["CHAMPION", "ChampionChange", "champion_stack", "registry_client"]  # re-exported for callers of this module
 
 CHALLENGER = "challenger"
-CHAMPION = "champion"
 CONTENT_HASH_TAG = "adapter_content_hash"
-HISTORY_TAG_PREFIX = "champion_history."
 PROMPT_TEMPLATE_FILE = "prompt_template.json"
 # The tags a version needs before anyone may call it evaluated.
 EVALUATION_TAGS = ("base_f1", "finetuned_f1", "eval_set_hash")
 _METRICS = ("f1", "precision", "recall", "accuracy", "parse_failure_rate")
+
 
 class RegisteredVersion(BaseModel):
     name: str
@@ -52,7 +61,12 @@ class RegisteredVersion(BaseModel):
     run_id: str
     source: str
     content_hash: str = ""
-    reused: bool = False  # an identical adapter was already registered as this version
+    reused: bool = False  # found: an identical adapter was already registered as this version
+    registry_uri: str = ""  # the registry it is in
+
+    def describe(self) -> str:
+        """"registered version 3" or "found version 3": what the run did to the registry."""
+        return f"{'found' if self.reused else 'registered'} version {self.version}"
 
 
 class PromotionDecision(BaseModel):
@@ -67,18 +81,6 @@ class PromotionDecision(BaseModel):
     f1_difference_ci_low: float | None = None
 
 
-class ChampionChange(BaseModel):
-    """One entry of the champion history: who holds `champion` from `time` on, and why."""
-
-    seq: int
-    time: str  # ISO 8601, UTC
-    action: Literal["gate", "promote", "rollback"]
-    version: str
-    previous: str | None
-    reason: str
-    forced: bool = False
-
-
 def eval_metrics(base: EvalReport, tuned: EvalReport) -> dict[str, float]:
     metrics = {}
     for prefix, report in (("base", base), ("finetuned", tuned)):
@@ -87,75 +89,90 @@ def eval_metrics(base: EvalReport, tuned: EvalReport) -> dict[str, float]:
     return metrics
 
 
-def registration_hash(adapter: LoraAdapter) -> str:
-    """What makes two registrations the same: the adapter's files and the prompt it expects."""
-    template = json.dumps(prompt_template(), sort_keys=True)
-    return hashlib.sha256(f"{adapter.content_hash()}\n{template}".encode()).hexdigest()
-
-
-@contextmanager
-def registry_client(settings: RegistrySettings) -> Iterator[Any]:
-    """An `MlflowClient` on the configured registry, with bounded HTTP retries while the block runs;
-    MLflow failures become one clear error."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    uri = resolve_tracking_uri(settings)
-    with bounded_http_retries():
-        try:
-            yield MlflowClient(tracking_uri=uri, registry_uri=uri)
-        except MlflowException as err:
-            raise mlflow_failure(uri, err) from None
-
-
 def register_adapter(
     adapter: LoraAdapter, metrics: dict[str, float], lineage: dict[str, str], settings: RegistrySettings
 ) -> RegisteredVersion:
-    """Log the adapter's files and scores to its training run and register them as a new version.
+    """Make sure the adapter is a version of the configured registry, with alias `challenger`.
 
-    An adapter whose content is already registered is not registered again: its version is
-    returned (`reused=True`) and gets `challenger` back.
+    Found by content hash if it is there (`reused=True`; nothing is uploaded), else its files and
+    scores go to its training run (or, when that run is in another registry, a new run) and a
+    version is created.
     """
-    import mlflow
-
-    content_hash = registration_hash(adapter)
+    content_hash = adapter.content_hash()
     name = settings.model_name
     with registry_client(settings) as client:
         _ensure_registered_model(client, name)
         existing = _version_with_content(client, name, content_hash)
-        run_id = adapter.metadata.get("mlflow_run_id")
-        with (
-            mlflow_tracking(settings) as experiment_id,
-            mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as run,
-        ):
-            mlflow.log_metrics(metrics)
-            mlflow.set_tags(lineage)
-            if existing is None:
-                mlflow.log_artifacts(str(adapter.path), artifact_path="adapter")
-                mlflow.log_dict(prompt_template(), f"adapter/{PROMPT_TEMPLATE_FILE}")
-            source = f"{run.info.artifact_uri}/adapter"
+        if existing is None:
+            run_id, source = _upload(client, adapter, metrics, lineage, settings)
         tags = {**lineage, **_as_tags(metrics), CONTENT_HASH_TAG: content_hash}
-        with registry_lock(client, name):
+        with registry_lock(client, name, settings.lock_lease_s) as lease:
             # Checked again under the lock: a concurrent registration may have won meanwhile.
-            existing = _version_with_content(client, name, content_hash)
-            if existing is None:
-                version = client.create_model_version(name, source=source, run_id=run.info.run_id, tags=tags)
-            else:
-                version = existing
-            try:
-                client.set_registered_model_alias(name, CHALLENGER, version.version)
-            except Exception:
-                if existing is None:
-                    _delete_quietly(client, name, version.version)
-                raise
+            version = _version_with_content(client, name, content_hash)
+            created = version is None
+            if created:
+                lease.check()
+                version = client.create_once(
+                    lambda: client.raw.create_model_version(name, source=source, run_id=run_id, tags=tags, await_creation_for=0),
+                    lambda: _version_with_content(client, name, content_hash),
+                )
+            lease.check()
+            client.set_registered_model_alias(name, CHALLENGER, version.version)
     return RegisteredVersion(
         name=name,
         version=str(version.version),
         run_id=version.run_id,
         source=version.source,
         content_hash=content_hash,
-        reused=existing is not None,
+        reused=not created,
+        registry_uri=client.uri,
     )
+
+
+def _upload(
+    client: RegistryClient, adapter: LoraAdapter, metrics: dict[str, float], lineage: dict[str, str], settings: RegistrySettings
+) -> tuple[str, str]:
+    """The adapter's files, scores and lineage logged to a run of this registry; returns the run id
+    and the files' artifact URI.
+
+    The training run when it is in this registry; a new run when training tracked elsewhere (the
+    registry changed since, and ZenML served training from its cache).
+    """
+    from mlflow.entities import Metric, RunTag
+
+    run_id = adapter.metadata.get("mlflow_run_id")
+    new_run = not (run_id and _run_exists(client, run_id))
+    if new_run:
+        experiment_id = client.call(_experiment_id, settings)
+        run_id = client.create_run(experiment_id, run_name="register-adapter").info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(key, value, now, 0) for key, value in metrics.items()],
+        tags=[RunTag(key, value) for key, value in lineage.items()],
+    )
+    client.log_artifacts(run_id, str(adapter.path), artifact_path="adapter")
+    client.log_dict(run_id, prompt_template(), f"adapter/{PROMPT_TEMPLATE_FILE}")
+    if new_run:
+        client.set_terminated(run_id)
+    return run_id, f"{client.get_run(run_id).info.artifact_uri}/adapter"
+
+
+def _run_exists(client: RegistryClient, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
+def _experiment_id(settings: RegistrySettings) -> str:
+    with mlflow_tracking(settings) as experiment_id:
+        return experiment_id
 
 
 def decide_promotion(
@@ -217,9 +234,10 @@ def promote_if_better(
 ) -> PromotionDecision:
     """The gate: move `champion` to `registered` if `decide_promotion` says so, and record why."""
     name = settings.model_name
-    with registry_client(settings) as client, registry_lock(client, name):
+    with registry_client(settings) as client, registry_lock(client, name, settings.lock_lease_s) as lease:
+        history = settle_history(client, name, lease)
         candidate = dict(client.get_model_version(name, registered.version).tags)
-        champion = _version_by_alias(client, name, CHAMPION)
+        champion = current_champion(client, name)
         champion_f1 = float(champion.tags["finetuned_f1"]) if champion is not None else None
         champion_version = str(champion.version) if champion is not None else None
         if champion_version == registered.version:
@@ -231,7 +249,7 @@ def promote_if_better(
                 metrics["finetuned_f1"], metrics["base_f1"], champion_f1, settings.promotion_margin, f1_difference_ci_low
             )
         if promoted:
-            _move_champion(client, name, registered.version, champion_version, "gate", reason)
+            move_champion(client, lease, name, history, registered.version, "gate", reason)
     return PromotionDecision(
         name=registered.name,
         version=registered.version,
@@ -252,9 +270,10 @@ def promote_version(settings: RegistrySettings, version: str, force: bool = Fals
     fine-tuned F1 and eval-set hash) or one that adapts another base model than the champion.
     """
     name = settings.model_name
-    with registry_client(settings) as client, registry_lock(client, name):
+    with registry_client(settings) as client, registry_lock(client, name, settings.lock_lease_s) as lease:
+        history = settle_history(client, name, lease)
         tags = dict(_get_version(client, name, version).tags)
-        champion = _version_by_alias(client, name, CHAMPION)
+        champion = current_champion(client, name)
         champion_version = str(champion.version) if champion is not None else None
         if champion_version == version:
             raise TracesftError(f"{name} version {version} is already champion; nothing to do.")
@@ -269,7 +288,7 @@ def promote_version(settings: RegistrySettings, version: str, force: bool = Fals
                 f"{name} version {version} adapts base model {_base_of(tags)}, but the champion (version "
                 f"{champion_version}) adapts {_base_of(dict(champion.tags))}; pass --force to switch base models."
             )
-        return _move_champion(client, name, version, champion_version, "promote", reason or "promoted by hand", force)
+        return move_champion(client, lease, name, history, version, "promote", reason or "promoted by hand", force)
 
 
 def rollback_champion(settings: RegistrySettings, reason: str = "") -> ChampionChange:
@@ -279,10 +298,10 @@ def rollback_champion(settings: RegistrySettings, reason: str = "") -> ChampionC
     through earlier champions, and a rollback with no earlier champion is refused.
     """
     name = settings.model_name
-    with registry_client(settings) as client, registry_lock(client, name):
-        history = _read_history(client, name)
+    with registry_client(settings) as client, registry_lock(client, name, settings.lock_lease_s) as lease:
+        history = settle_history(client, name, lease)
         holders = champion_stack(history)
-        champion = _version_by_alias(client, name, CHAMPION)
+        champion = current_champion(client, name)
         current = str(champion.version) if champion is not None else None
         if not holders or holders[-1] != current:
             raise TracesftError(
@@ -292,24 +311,13 @@ def rollback_champion(settings: RegistrySettings, reason: str = "") -> ChampionC
             )
         if len(holders) < 2:
             raise TracesftError(f"{name} has no earlier champion than version {current} to roll back to.")
-        return _move_champion(client, name, holders[-2], current, "rollback", reason or f"rolled back from version {current}")
-
-
-def champion_stack(history: list[ChampionChange]) -> list[str]:
-    """The versions that held `champion`, oldest first, with rolled-back reigns removed."""
-    holders: list[str] = []
-    for change in history:
-        if change.action == "rollback":
-            holders.pop()
-        else:
-            holders.append(change.version)
-    return holders
+        return move_champion(client, lease, name, history, holders[-2], "rollback", reason or f"rolled back from version {current}")
 
 
 def champion_history(settings: RegistrySettings) -> list[ChampionChange]:
     """Every change of `champion`, oldest first."""
     with registry_client(settings) as client:
-        return _read_history(client, settings.model_name)
+        return read_history(client, settings.model_name)
 
 
 def list_versions(settings: RegistrySettings) -> list[dict[str, Any]]:
@@ -339,31 +347,7 @@ def list_versions(settings: RegistrySettings) -> list[dict[str, Any]]:
     return rows
 
 
-def _move_champion(
-    client: Any, name: str, version: str, previous: str | None, action: str, reason: str, forced: bool = False
-) -> ChampionChange:
-    """Point `champion` at `version` and append the history entry; the caller holds the lock."""
-    history = _read_history(client, name)
-    change = ChampionChange(
-        seq=(history[-1].seq + 1) if history else 1,
-        time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        action=action,
-        version=version,
-        previous=previous,
-        reason=reason,
-        forced=forced,
-    )
-    client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_registered_model_tag(name, f"{HISTORY_TAG_PREFIX}{change.seq:06d}", change.model_dump_json())
-    return change
-
-
-def _read_history(client: Any, name: str) -> list[ChampionChange]:
-    tags = client.get_registered_model(name).tags
-    return [ChampionChange.model_validate_json(tags[key]) for key in sorted(tags) if key.startswith(HISTORY_TAG_PREFIX)]
-
-
-def _ensure_registered_model(client: Any, name: str) -> None:
+def _ensure_registered_model(client: RegistryClient, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     if client.search_registered_models(filter_string=f"name = '{name}'"):
@@ -375,14 +359,14 @@ def _ensure_registered_model(client: Any, name: str) -> None:
             raise
 
 
-def _version_with_content(client: Any, name: str, content_hash: str) -> Any | None:
+def _version_with_content(client: RegistryClient, name: str, content_hash: str) -> Any | None:
     for version in client.search_model_versions(filter_string=f"name = '{name}'"):
         if version.tags.get(CONTENT_HASH_TAG) == content_hash:
             return version
     return None
 
 
-def _get_version(client: Any, name: str, version: str) -> Any:
+def _get_version(client: RegistryClient, name: str, version: str) -> Any:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -391,25 +375,6 @@ def _get_version(client: Any, name: str, version: str) -> Any:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise TracesftError(f"{name} has no version {version!r}; see `tracesft adapters list`.") from None
         raise
-
-
-def _version_by_alias(client: Any, name: str, alias: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as err:
-        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None  # no such alias (yet); anything else, an unreachable server above all, is raised
-        raise
-
-
-def _delete_quietly(client: Any, name: str, version: str) -> None:
-    """Undo a version whose registration failed after its creation; the server may be gone too."""
-    try:
-        client.delete_model_version(name, version)
-    except Exception:  # the original failure is what the user needs to see
-        pass
 
 
 def _base_of(tags: dict[str, str]) -> str:

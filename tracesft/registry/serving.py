@@ -117,7 +117,7 @@ def download_registered_adapter(
                 what = f"alias {alias!r}" if alias else f"version {version!r}"
                 raise TracesftError(f"{name} has no {what}; see `tracesft adapters list`.") from None
             raise
-        local = download_artifacts(artifact_uri=found.source, dst_path=str(dst), tracking_uri=client.tracking_uri)
+        local = client.call(download_artifacts, artifact_uri=found.source, dst_path=str(dst), tracking_uri=client.uri)
     return LoraAdapter(Path(local)), str(found.version)
 
 

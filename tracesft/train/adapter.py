@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tracesft.errors import TracesftError
+
 METADATA_FILE = "tracesft_adapter.json"
+# adapter_config.json fields that do not change what the adapter computes: where the base model
+# was found, PEFT's version, and how training started (initialisation, dropout).
+ADAPTER_CONFIG_NOT_HASHED = frozenset({
+    "base_model_name_or_path", "revision", "inference_mode", "peft_version", "lora_dropout", "init_lora_weights",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "auto_mapping", "megatron_config", "megatron_core",
+})
 
 
 @dataclass(frozen=True)
@@ -31,19 +39,33 @@ class LoraAdapter:
         return sum(p.stat().st_size for p in self.files())
 
     def content_hash(self) -> str:
-        """SHA-256 over the files that make the model (weights, adapter config, tokenizer).
+        """SHA-256 of what decides the adapter's function, in a canonical form.
 
-        The lineage file is left out: it records when and by which run the adapter was made, so
-        two trainings that produce byte-identical weights hash the same and the registry keeps
-        one version for them.
+        Two trainings that give the same weights must hash the same, or the registry keeps two
+        versions of one adapter (it did: `target_modules` is a set that PEFT writes in any order).
+        So the hash covers the adapter config's fields that shape the function, keys and lists
+        sorted, and each tensor's name, dtype, shape and bytes, in name order (not the
+        safetensors file, whose header order and metadata may vary). Left out: the lineage
+        file, the tokenizer (the base model's, named in the lineage) and config fields that
+        only describe where the base lives or how training started (`ADAPTER_CONFIG_NOT_HASHED`).
         """
         digest = hashlib.sha256()
-        for path in self.files():
-            relative = path.relative_to(self.path).as_posix()
-            if relative == METADATA_FILE:
-                continue
-            digest.update(relative.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+        config = json.loads(self._required("adapter_config.json").read_text())
+        kept = {key: value for key, value in config.items() if key not in ADAPTER_CONFIG_NOT_HASHED}
+        digest.update(json.dumps(_canonical(kept), sort_keys=True, separators=(",", ":")).encode())
+        weights = sorted(self.path.rglob("*.safetensors"))
+        if not weights:
+            self._required("adapter_model.safetensors")
+        for path in weights:
+            for name, dtype, shape, data in _safetensors_tensors(path):
+                digest.update(json.dumps([name, dtype, shape]).encode() + b"\0" + hashlib.sha256(data).digest())
         return digest.hexdigest()
+
+    def _required(self, name: str) -> Path:
+        path = self.path / name
+        if not path.is_file():
+            raise TracesftError(f"adapter folder {self.path} has no {name}; save the adapter with PEFT's save_pretrained")
+        return path
 
 
 def write_metadata(path: Path, metadata: dict[str, Any]) -> LoraAdapter:
@@ -92,3 +114,29 @@ def _without_wrapper_names(key: str) -> str:
     for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
         key = key.replace(wrapper, "")
     return key
+
+
+def _canonical(value: Any) -> Any:
+    """`value` with every list sorted (in the adapter config, lists are sets: target modules, layers)."""
+    if isinstance(value, dict):
+        return {key: _canonical(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return sorted((_canonical(item) for item in value), key=lambda item: json.dumps(item, sort_keys=True))
+    return value
+
+
+def _safetensors_tensors(path: Path) -> list[tuple[str, str, list[int], bytes]]:
+    """(name, dtype, shape, raw bytes) of each tensor, read as the safetensors format defines it:
+    an 8-byte little-endian header length, a JSON header, then the data."""
+    blob = path.read_bytes()
+    try:
+        size = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8 : 8 + size])
+        start = 8 + size
+        return [
+            (name, info["dtype"], info["shape"], blob[start + info["data_offsets"][0] : start + info["data_offsets"][1]])
+            for name, info in sorted(header.items())
+            if name != "__metadata__"
+        ]
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise TracesftError(f"{path} is not a readable safetensors file ({err}); save the adapter again") from None
