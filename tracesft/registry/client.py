@@ -130,7 +130,7 @@ def registry_client(settings: RegistrySettings) -> Iterator[RegistryClient]:
                 else ""
             )
             message = err.message if isinstance(err, MlflowException) else str(err)
-            raise TracesftError(f"MLflow registry at {uri} failed{hint}: {message}") from None
+            raise TracesftError(f"MLflow at {uri} failed{hint}: {message}") from None
 
 
 @contextmanager
