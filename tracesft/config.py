@@ -231,6 +231,9 @@ class ProblemSettings(_Settings):
 
         if self.min_variables > self.max_variables:
             raise ValueError("min_variables must not exceed max_variables")
+        if self.max_variables == 2 and self.positive_share:
+            # The generator would draw forever: over two variables the equivalence class never fixes a direction.
+            raise ValueError("no hypothesis over two variables ever holds: set positive_share to 0 or max_variables above 2")
         unknown = sorted(set(self.templates or ()) - set(TEMPLATES))
         if unknown or self.templates == []:
             raise ValueError(f"templates must be a non-empty list of {', '.join(TEMPLATES)}; got {unknown or '[]'}")

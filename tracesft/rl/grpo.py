@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 class GrpoSummary(BaseModel):
+    train_loss: float  # TRL's GRPO loss, averaged over the run
     steps: int
     train_runtime_s: float
     problems: int
@@ -78,6 +79,7 @@ def train_grpo(
     trainer.model.save_pretrained(adapter_dir, selected_adapters=["default"])
     trainer.processing_class.save_pretrained(adapter_dir)
     summary = GrpoSummary(
+        train_loss=result.training_loss,
         steps=result.global_step,
         train_runtime_s=result.metrics["train_runtime"],
         problems=len(problems),
