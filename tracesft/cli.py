@@ -165,7 +165,7 @@ def _grpo(args: argparse.Namespace) -> int:
         return 0
     grpo, registered, decision = summary.get("grpo", {}), summary["registered"], summary["promotion"]
     print(f"\nRun {summary['run']}: {summary['status']}; GRPO {grpo.get('steps')} steps on {grpo.get('problems')} "
-          f"problems, mean reward {grpo.get('first_reward')} at the first step, {grpo.get('last_reward')} at the last.")
+          f"problems, mean reward {grpo.get('first_reward', 0):.3f} at the first step, {grpo.get('last_reward', 0):.3f} at the last.")
     print(f"Registered {registered['name']} version {registered['version']} (alias challenger, stage grpo).")
     print(f"Promotion gate: {'PROMOTED to champion' if decision['promoted'] else 'not promoted'}: {decision['reason']}.")
     return 0
