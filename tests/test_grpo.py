@@ -152,3 +152,22 @@ def test_a_parent_the_registry_lacks_is_named_with_what_to_do(tmp_path):
     message = str(excinfo.value)
     assert "parameters.parent: nothing-yet has no alias 'champion' (versions: none registered)" in message
     assert "tracesft demo" in message
+
+
+def test_a_parent_must_carry_pipeline_lineage_and_the_configured_eval_sets_hash(tmp_path):
+    from mlflow import MlflowClient
+
+    settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", model_name="tiny")
+    client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+    client.create_registered_model("tiny")
+    lineage = {"base_model": "tiny-model", "zenml_run_id": "run-1", "eval_set_hash": "a" * 64, "adapter_content_hash": "c" * 64}
+    client.create_model_version("tiny", source="file:///nowhere", tags={"base_model": "tiny-model"})
+    client.create_model_version("tiny", source="file:///nowhere", tags=lineage)
+    client.set_registered_model_alias("tiny", "champion", "2")
+
+    with pytest.raises(TracesftError, match=r"parameters.parent: tiny version 1 lacks the lineage tags \['zenml_run_id'"):
+        resolve_parent(settings, "1", "a" * 64)
+    with pytest.raises(TracesftError, match="parameters.eval_set: not the eval set tiny version 2 was scored on"):
+        resolve_parent(settings, "champion", "b" * 64)
+    parent = resolve_parent(settings, "champion", "a" * 64)
+    assert (parent.version, parent.zenml_run_id, parent.content_hash, parent.base_model_revision) == ("2", "run-1", "c" * 64, None)

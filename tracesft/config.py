@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tracesft.data.corr2cause import TEMPLATES
 from tracesft.errors import TracesftError
 
 PRODUCTION_BASE_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"
@@ -227,8 +228,6 @@ class ProblemSettings(_Settings):
 
     @model_validator(mode="after")
     def _a_family_that_exists(self) -> "ProblemSettings":
-        from tracesft.data.corr2cause import TEMPLATES
-
         if self.min_variables > self.max_variables:
             raise ValueError("min_variables must not exceed max_variables")
         if self.max_variables == 2 and self.positive_share:
