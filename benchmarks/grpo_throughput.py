@@ -149,7 +149,7 @@ def measure(backend: str, parent: LoraAdapter, base_model: str, settings: GrpoSe
     per_step = settings.per_device_train_batch_size * settings.gradient_accumulation_steps // settings.num_generations
     problems = fresh_problems(ProblemSettings(count=per_step * (2 + steps), seed=7), [])
     output_dir = Path(tempfile.mkdtemp(prefix=f"grpo-{backend}-", dir=workdir))
-    trainer = None
+    trainer = timer = None
     try:
         trainer, generation, _ = prepare_grpo(parent, problems, base_model, None, settings, RewardSettings(), device,
                                               output_dir)
@@ -165,7 +165,9 @@ def measure(backend: str, parent: LoraAdapter, base_model: str, settings: GrpoSe
         traceback.print_exc()
         return {"error": f"{type(err).__name__}: {err}"}
     finally:
-        del trainer
+        # The timer's wrapper holds the trainer, the trainer the model: both go before the next
+        # backend loads its own base, or its peak would count this one's weights too.
+        trainer = timer = None
         shutil.rmtree(output_dir, ignore_errors=True)
         gc.collect()
         if torch.cuda.is_available():
@@ -173,7 +175,7 @@ def measure(backend: str, parent: LoraAdapter, base_model: str, settings: GrpoSe
 
 
 def run(backends: tuple[str, ...], steps: int, tiny: bool, layers: int = 64, prompts: int = 4, generations: int = 8,
-        completion_length: int = 192, workdir: Path | None = None) -> dict[str, Any]:
+        completion_length: int = 128, workdir: Path | None = None) -> dict[str, Any]:
     device: Device = "cpu" if tiny else "cuda"
     started = time.perf_counter()
     card = torch.cuda.get_device_name() if not tiny else "cpu (tiny Qwen2)"
@@ -219,7 +221,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1, help="timed GRPO steps per backend (after one warm-up)")
     parser.add_argument("--prompts", type=int, default=4, help="problems per step")
     parser.add_argument("--generations", type=int, default=8, help="answers per problem")
-    parser.add_argument("--completion-length", type=int, default=192, help="tokens per answer at most")
+    parser.add_argument("--completion-length", type=int, default=128, help="tokens per answer at most")
     parser.add_argument("--layers", type=int, default=64, help="decoder layers of the 32B architecture (64)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the random base and its 4-bit cache are written (~18 GB; default: a temporary directory)")
