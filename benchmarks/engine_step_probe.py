@@ -27,7 +27,7 @@ from random_32b import build_seed_model, qwen2_config  # noqa: E402
 
 from tracesft.config import EvalSettings, TrainingRecipe  # noqa: E402
 from tracesft.generate import engine as engine_module  # noqa: E402
-from tracesft.generate.engine import Engine  # noqa: E402
+from tracesft.generate.engine import Engine, _Request  # noqa: E402
 from tracesft.generate.inference import for_decoding  # noqa: E402
 
 
@@ -57,24 +57,18 @@ def main() -> None:
     say(built=args.layers, gib=round(torch.cuda.memory_allocated() / 2**30, 1))
     for slots in args.slots:
         engine = Engine(model, slots, args.max_len)
-        lengths = torch.randint(args.min_context, args.max_context, (slots,), dtype=torch.int32)
-        engine.step_lengths.copy_(lengths)
-        engine.step_positions.copy_(lengths.long() - 1)
-        engine.step_tokens.random_(3, config.vocab_size)
+        lengths = torch.randint(args.min_context, args.max_context, (slots,)).tolist()
+        runs = [engine.cache.allocate(engine.row_blocks) for _ in range(slots)]
+        engine._active = [_Request(i, n - 1, [int(torch.randint(3, config.vocab_size, ()))], 2, i, runs[i], engine.row_blocks)
+                          for i, n in enumerate(lengths)]
+        engine._set_step_inputs()
         with torch.inference_mode():
-            eager = timed(engine._decode_logits, 5)
-            graph = timed(engine._decode, 20)
+            eager = timed(lambda: engine._decode_logits(slots), 5)
+            graph = timed(lambda: engine._decode(slots), 20)
             query = torch.randn(slots, config.num_attention_heads, 128, device="cuda", dtype=torch.bfloat16)
-            keys, values = engine.cache.keys[0], engine.cache.values[0]
             flash = timed(lambda: torch.ops.aten._flash_attention_forward(
-                query, keys, values, engine.query_starts, engine.slot_starts, 1, engine.max_len, 0.0, True, False,
-                scale=engine.scale, seqused_k=engine.step_lengths), 50)
-            # The same attention through SDPA over each slot's padded cache, masked (for comparison).
-            shape = (slots, args.max_len, config.num_key_value_heads, 128)
-            k4, v4 = keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)
-            mask = torch.arange(args.max_len, device="cuda")[None] < engine.step_lengths[:, None].long()
-            sdpa = timed(lambda: F.scaled_dot_product_attention(query[:, :, None], k4, v4, attn_mask=mask[:, None, None],
-                                                                enable_gqa=True), 10)
+                query, engine.cache.keys[0], engine.cache.values[0], engine.query_starts, engine.key_starts, 1,
+                engine.max_len, 0.0, True, False, scale=engine.scale, seqused_k=engine.step_lengths), 50)
             x = torch.randn(slots, config.hidden_size, device="cuda", dtype=torch.bfloat16)
             layer = model.model.layers[0]
             projections = timed(lambda: [layer.self_attn.q_proj(x), layer.self_attn.k_proj(x), layer.self_attn.v_proj(x),
@@ -83,16 +77,16 @@ def main() -> None:
                                   layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj)]
                          + [F.linear(torch.randn(slots, config.intermediate_size, device="cuda", dtype=torch.bfloat16),
                                      layer.mlp.down_proj.base.weight)], 20)
-        kv_gb = float(lengths.sum()) * config.num_key_value_heads * 128 * 2 * 2 / 1e9
+        kv_gb = float(sum(lengths)) * config.num_key_value_heads * 128 * 2 * 2 / 1e9
         say(slots=slots, layers=args.layers, eager_step_ms=round(eager, 2), graph_step_ms=round(graph, 2),
             per_layer_graph_ms=round(graph / args.layers, 3), flash_attention_one_layer_ms=round(flash, 3),
-            sdpa_masked_one_layer_ms=round(sdpa, 3), kv_read_gb_per_layer=round(kv_gb, 3),
+kv_read_gb_per_layer=round(kv_gb, 3),
             lora_layer_modules_ms=round(projections, 3), bare_bf16_products_ms=round(bare, 3))
         if slots == args.slots[0]:
             from torch.profiler import ProfilerActivity, profile
 
             with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-                engine._decode_logits()
+                engine._decode_logits(slots)
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60), flush=True)
         del engine

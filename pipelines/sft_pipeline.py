@@ -4,8 +4,11 @@ Its parameters are the fields of `tracesft.config.RunConfig`, so a run configura
 `parameters:` section configures it whether it is started by `zenml pipeline run` or by
 `tracesft run`. Content hashes of the trace files and the eval set are computed here, on the
 client, and passed to the steps that read those files: that is what ties ZenML's cache to the
-data's bytes rather than to file names. `device` is a parameter of every step that loads a model,
-so a cpu run and a cuda run (different precision and quantisation) never share cached outputs.
+data's bytes rather than to file names. Relative paths are read against the workspace
+(`tracesft.workspace`) as the parameters are validated, so `zenml pipeline run` from any folder
+and every `tracesft` command give the steps the same absolute paths. `device` is a parameter of
+every step that loads a model, so a cpu run and a cuda run (different precision and
+quantisation) never share cached outputs.
 """
 
 from typing import Optional
@@ -37,6 +40,7 @@ from tracesft.config import (
 )
 from tracesft.data.ingest import content_hash
 from tracesft.evaluate.eval_set import eval_set_hash
+from tracesft.workspace import ModelSource, WorkspacePath
 
 
 # Each run gets a version of this ZenML model (the Model Control Plane): the register and promote
@@ -45,12 +49,12 @@ from tracesft.evaluate.eval_set import eval_set_hash
 # for `zenml pipeline run`.
 @pipeline(enable_cache=True, model=Model(name=RegistrySettings().model_name))
 def sft_pipeline(
-    traces: list[str],
-    eval_set: str,
+    traces: list[WorkspacePath],
+    eval_set: WorkspacePath,
     device: Device = "cuda",
     field_map: Optional[dict[str, str]] = None,
     on_bad_record: str = "error",
-    base_model: str = PRODUCTION_BASE_MODEL,
+    base_model: ModelSource = PRODUCTION_BASE_MODEL,
     base_model_revision: Optional[str] = None,
     dataset: DatasetSettings = DatasetSettings(),
     quality: QualitySettings = QualitySettings(),

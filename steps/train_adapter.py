@@ -1,5 +1,3 @@
-import tempfile
-from pathlib import Path
 from typing import Annotated
 
 import mlflow
@@ -13,6 +11,7 @@ from tracesft.data.sft_dataset import SFTDataset
 from tracesft.train.tracking import mlflow_logging_callback, mlflow_tracking
 
 from steps.run_context import zenml_run_tags
+from steps.scratch import scratch_directory
 
 
 @step
@@ -24,7 +23,11 @@ def train_adapter(
     device: Device,
     registry: RegistrySettings,
 ) -> Annotated[LoraAdapter, "lora_adapter"]:
-    """QLoRA fine-tuning, tracked as an MLflow run that registration later adds scores to."""
+    """QLoRA fine-tuning, tracked as an MLflow run that registration later adds scores to.
+
+    Checkpoints (optimizer state included) and the adapter are written to a scratch folder that
+    goes when the step ends; only a configured `training.checkpoint_dir` keeps checkpoints.
+    """
     require_device(device)
     tags = zenml_run_tags()
     with (
@@ -34,7 +37,7 @@ def train_adapter(
         mlflow.log_params(
             {f"recipe.{k}": v for k, v in recipe.model_dump().items()} | {"base_model": base_model, "device": device}
         )
-        output_dir = Path(tempfile.mkdtemp(prefix="tracesft-train-"))
+        output_dir = scratch_directory("tracesft-train-")
         adapter, summary = train(
             dataset, base_model, recipe, device, output_dir, base_model_revision, callbacks=[mlflow_logging_callback(device)]
         )

@@ -1,6 +1,4 @@
 import json
-import tempfile
-from pathlib import Path
 from typing import Annotated
 
 import mlflow
@@ -14,6 +12,7 @@ from tracesft.train.adapter import LoraAdapter, write_metadata
 from tracesft.train.tracking import mlflow_logging_callback, mlflow_tracking
 
 from steps.run_context import zenml_run_tags
+from steps.scratch import scratch_directory
 
 
 @step
@@ -41,7 +40,7 @@ def train_grpo_adapter(
                           | {f"reward.{k}": v for k, v in reward.model_dump().items()}
                           | {"base_model": base_model, "device": device, "parent_version": parent_version,
                              "problems": len(problems)})
-        output_dir = Path(tempfile.mkdtemp(prefix="tracesft-grpo-"))
+        output_dir = scratch_directory("tracesft-grpo-")
         adapter, summary = train_grpo(parent, problems, base_model, base_model_revision, settings, reward, device,
                                       output_dir, callbacks=[mlflow_logging_callback(device)])
     lineage = {"stage": "grpo", "parent_version": parent_version, "parent_model": registry.model_name,

@@ -81,6 +81,29 @@ def test_greedy_outputs_equal_hf_generate_one_prompt_at_a_time_in_any_order_with
         assert got == expected, f"slots={slots}, order={order}"
 
 
+def test_a_cache_too_small_for_all_rows_preempts_and_still_decodes_exactly(tiny) -> None:
+    """Fewer KV blocks than the rows could fill: runs grow in place, move and are compacted, and
+    when nothing is left the latest admitted request is preempted and recomputed from its prompt
+    and answer so far: the greedy tokens are still HF `generate`'s."""
+    model, tokenizer = tiny
+    stop = stop_tokens(model, tokenizer)
+    prompts, limits = _requests(model.config.vocab_size, count=12, seed=8)
+    expected = {i: _reference(model, p, n, stop) for i, (p, n) in enumerate(zip(prompts, limits))}
+    max_len = max(len(p) + n for p, n in zip(prompts, limits))
+    engine = Engine(model, 6, max_len, blocks=33, block_size=4)  # 128 positions for 6 requests of up to 64
+    got = _run(engine, prompts, limits, list(range(len(prompts))), stop)
+    assert got == expected
+    print(engine.stats)
+    assert engine.stats.preemptions and engine.stats.moves and engine.stats.compactions
+    assert engine.cache.free_blocks == 32  # every run returned
+
+
+def test_a_prompt_longer_than_the_whole_cache_is_refused(tiny) -> None:
+    model, _ = tiny
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="KV blocks"):
+        Engine(model, 2, 80, blocks=2).run([[5] * 40], 8, lambda *_: None)
+
+
 def test_an_answer_ends_at_its_limit_or_its_stop_token(tiny) -> None:
     model, tokenizer = tiny
     prompts, limits = _requests(model.config.vocab_size, count=4, seed=3)

@@ -114,9 +114,9 @@ def test_embedded_grpo_config_uses_the_demos_registry_eval_set_and_device():
     assert grpo.registry == demo.registry and grpo.eval_set == demo.eval_set and grpo.device == demo.device == "cpu"
     assert grpo.evaluation.max_new_tokens == demo.evaluation.max_new_tokens
     production = load_grpo_config(REPO_ROOT / "configs" / "grpo-production.yaml")
-    sft = yaml.safe_load((REPO_ROOT / "zenml_config.yaml").read_text())["parameters"]
-    assert production.registry.model_dump() == RegistrySettings.model_validate(sft["registry"]).model_dump()
-    assert production.eval_set == sft["eval_set"] and production.parent == "champion" and production.device == "cuda"
+    sft = load_run_config(REPO_ROOT / "zenml_config.yaml")
+    assert production.registry == sft.registry and production.eval_set == sft.eval_set
+    assert production.evaluation == sft.evaluation and production.parent == "champion" and production.device == "cuda"
     assert embedded_config_path().parent == embedded_grpo_config_path().parent
 
 

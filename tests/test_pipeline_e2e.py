@@ -157,8 +157,13 @@ def grpo_run(workspace, new_trace_file_run) -> Run:
 def _retrain(config: Path, as_json: bool = True) -> Run:
     """`tracesft retrain --traces <the workspace's traces> --config FILE [--json]` in a process of its own."""
     command = [str(Path(sys.executable).parent / "tracesft"), "retrain", "--traces", str(_traces(config)), "--config", str(config)]
-    done = subprocess.run(command + ["--json"] * as_json, cwd=REPO, capture_output=True, text=True, check=False)
+    system_temp = config.parent / "system-temp"  # this run's own, so parallel work elsewhere cannot blur the count
+    system_temp.mkdir(exist_ok=True)
+    done = subprocess.run(command + ["--json"] * as_json, cwd=REPO, capture_output=True, text=True, check=False,
+                          env=os.environ | {"TMPDIR": str(system_temp)})
     assert done.returncode == 0, done.stdout + done.stderr
+    # Training checkpoints (optimizer state), adapters and ZenML's own scratch are gone with the run.
+    assert not [path.name for path in system_temp.iterdir() if path.name.startswith(("tracesft-", "zenml-"))]
     versions = list_versions(load_run_config(config).registry)
     if not as_json:
         return Run(None, done.stdout + done.stderr, versions, None)
@@ -183,7 +188,7 @@ def test_first_run_registers_a_challenger_with_lineage(workspace, first_run):
     [version] = first_run.versions
     assert version["name"] == MODEL_NAME and "challenger" in version["aliases"]
     tags = version["tags"]
-    assert tags["base_model"].endswith("tiny-model")
+    assert tags["base_model"].endswith("tiny-model") and Path(tags["base_model"]).is_absolute()
     assert len(tags["traces_content_hash"]) == 64 and len(tags["eval_set_hash"]) == 64
     assert tags["zenml_pipeline"] == "sft_pipeline" and tags["zenml_run_name"] == summary["run"]
     assert {"base_f1", "finetuned_f1", "finetuned_parse_failure_rate", "final_train_loss"} <= set(version["metrics"])

@@ -62,7 +62,7 @@ def production_snapshot(tmp_path_factory):
         shutil.copy(DATA / "sample_traces" / name, work / "data" / "traces")
     shutil.copy(DATA / EVAL_CSV, work / "data" / "corr2cause" / "test.csv")
     patch = pytest.MonkeyPatch()
-    patch.chdir(work)  # the configuration's paths are relative to where a run starts
+    patch.setenv("TRACESFT_WORKSPACE", str(work))  # the configuration's relative paths are read against it
     source_utils.set_custom_source_root(str(REPO))
     pipeline = sft_pipeline.with_options(config_path=str(REPO / "zenml_config.yaml"))
     pipeline.prepare()

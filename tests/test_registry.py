@@ -29,7 +29,7 @@ from tracesft.registry.model_registry import (
     registry_client,
 )
 from tracesft.data.sample_data import DATA, TRACE_PROBLEMS_CSV, UNPARSEABLE, bundled_rows
-from tracesft.train.tracking import STATE_DIR, mlflow_tracking, resolve_tracking_uri
+from tracesft.train.tracking import mlflow_tracking, resolve_tracking_uri
 
 MODEL = "corr2cause-test-lora"
 CLI_MODEL = load_run_config().registry.model_name  # what every CLI command sees without --config
@@ -54,26 +54,6 @@ def test_config_beats_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 def test_empty_env_does_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
     assert resolve_tracking_uri(RegistrySettings(tracking_uri="http://x:5000")) == "http://x:5000"
-
-
-def test_default_is_sqlite_in_the_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    assert resolve_tracking_uri(RegistrySettings()) == f"sqlite:///{tmp_path.resolve() / STATE_DIR / 'mlflow.db'}"
-    assert not (tmp_path / STATE_DIR).exists()  # resolving creates nothing
-
-
-@pytest.mark.parametrize("source", ["env", "config"])
-def test_relative_sqlite_is_made_absolute(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: str) -> None:
-    monkeypatch.chdir(tmp_path)
-    uri = "sqlite:///state/registry.db"
-    if source == "env":
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        settings = RegistrySettings()
-    else:
-        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        settings = RegistrySettings(tracking_uri=uri)
-    assert resolve_tracking_uri(settings) == f"sqlite:///{tmp_path.resolve()}/state/registry.db"
 
 
 def test_absolute_sqlite_is_kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

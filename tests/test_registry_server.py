@@ -265,6 +265,19 @@ def test_cli_export_merges_the_champion(env: dict[str, Any], capsys: pytest.Capt
     info = json.loads((out / "tracesft_merged.json").read_text())
     assert info["merged_from"] == f"models:/{env['settings'].model_name}/1" and info["dtype"] == "bfloat16"
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    [row] = list_versions(env["settings"])  # the measured deviation is recorded on the version it came from
+    assert float(row["tags"]["merged_logit_deviation.bfloat16.cpu"]) == pytest.approx(info["max_logit_deviation"], rel=1e-5)
+
+
+def test_cli_export_by_default_is_the_adapter_and_its_base(env: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    with_champion(env)
+    capsys.readouterr()
+    out = env["root"] / f"adapter-{env['settings'].model_name}"
+    assert main(["adapters", "export", "champion", str(out), "--json", "--config", str(env["config"])]) == 0
+    assert json.loads(capsys.readouterr().out)["adapter"] == str(out)
+    info = json.loads((out / "tracesft_export.json").read_text())
+    assert info["exported_from"] == f"models:/{env['settings'].model_name}/1" and info["base_model"] == str(env["base"])
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
 
 
 # --- concurrency -------------------------------------------------------------------------------
@@ -374,4 +387,4 @@ def test_unreachable_server_is_one_clear_cli_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     assert main(["adapters", "list"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: MLflow registry at {uri} failed after 1 retries") and "Traceback" not in err
+    assert err.startswith(f"error: MLflow at {uri} failed after 1 retries") and "Traceback" not in err

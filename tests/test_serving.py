@@ -1,5 +1,5 @@
-"""Loading and merging a real LoRA adapter on the tiny model (CPU): the merged export must
-answer like the unmerged adapter."""
+"""Loading, exporting and merging a real LoRA adapter on the tiny model (CPU): the merged export
+must answer like the unmerged adapter, say how far it is from it, and refuse beyond the bound."""
 
 from __future__ import annotations
 
@@ -13,7 +13,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tracesft.train.adapter import LoraAdapter
 from tracesft.errors import TracesftError
 from tracesft.data.prompting import build_prompt
-from tracesft.registry.serving import MERGED_INFO_FILE, export_merged, parse_model_uri
+from tracesft.registry.serving import (
+    EXPORT_INFO_FILE,
+    MERGED_INFO_FILE,
+    export_adapter,
+    export_merged,
+    merged_deviation,
+    parse_model_uri,
+)
 
 from tests.registry_support import QUERY, tiny_adapter, tiny_base
 
@@ -42,16 +49,20 @@ def _unmerged_logits(adapter: LoraAdapter) -> torch.Tensor:
 
 
 def test_float32_merge_matches_the_unmerged_adapter(adapter: LoraAdapter, tmp_path: Path) -> None:
-    out = export_merged(adapter, tmp_path / "merged", "cpu", dtype="float32", source="models:/x/1")
+    out, deviation = export_merged(adapter, tmp_path / "merged", "cpu", dtype="float32", source="models:/x/1")
+    assert deviation < 1e-4
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in name for name, _ in merged.named_parameters())
     torch.testing.assert_close(_logits(merged, AutoTokenizer.from_pretrained(out)), _unmerged_logits(adapter), atol=1e-4, rtol=1e-4)
     info = json.loads((out / MERGED_INFO_FILE).read_text())
     assert info["merged_from"] == "models:/x/1" and info["dtype"] == "float32"
+    assert info["max_logit_deviation"] == deviation
 
 
 def test_bf16_merge_is_bf16_and_close_to_the_unmerged_adapter(adapter: LoraAdapter, tmp_path: Path) -> None:
-    out = export_merged(adapter, tmp_path / "merged", "cpu")
+    recorded = []
+    out, deviation = export_merged(adapter, tmp_path / "merged", "cpu", record=recorded.append)
+    assert recorded == [deviation] and 1e-4 < deviation < 0.05  # bf16 rounding, measured and handed over
     merged = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert merged.dtype == torch.bfloat16
     reference = _unmerged_logits(adapter)
@@ -59,6 +70,23 @@ def test_bf16_merge_is_bf16_and_close_to_the_unmerged_adapter(adapter: LoraAdapt
     # bf16 keeps 8 bits of mantissa: the error is bounded relative to the logits' scale.
     assert (logits - reference).abs().max() <= 0.05 * reference.abs().max()
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+
+def test_merged_export_above_the_bound_is_refused_and_still_recorded(adapter: LoraAdapter, tmp_path: Path) -> None:
+    bf16 = merged_deviation(adapter, "cpu")
+    recorded = []
+    with pytest.raises(TracesftError, match=r"registry\.max_merged_logit_deviation 0\.0001; export the adapter with its base"):
+        export_merged(adapter, tmp_path / "merged", "cpu", source="models:/x/1", max_deviation=1e-4, record=recorded.append)
+    assert recorded == [pytest.approx(bf16)] and not (tmp_path / "merged").exists()
+
+
+def test_adapter_export_is_the_adapter_and_the_exact_base(adapter: LoraAdapter, tmp_path: Path) -> None:
+    out = export_adapter(adapter, tmp_path / "export", source="models:/x/1")
+    assert {p.name for p in adapter.files()} <= {p.name for p in out.iterdir()}
+    info = json.loads((out / EXPORT_INFO_FILE).read_text())
+    assert info["exported_from"] == "models:/x/1" and info["base_model"] == adapter.metadata["base_model"]
+    assert info["base_identity"].startswith("dir:") and len(info["base_identity"]) == 4 + 64  # the local base's fingerprint
+    assert info["base_loaded_as"]["lora"] == "unmerged"
 
 
 def test_export_refuses_a_non_empty_directory(adapter: LoraAdapter, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tracesft.config import (
+    RegistrySettings,
     TrainingRecipe,
     embedded_config_path,
     embedded_grpo_config_path,
@@ -28,7 +29,7 @@ from tracesft.config import (
 )
 from tracesft.device import require_device
 from tracesft.errors import TracesftError
-from tracesft.train.tracking import STATE_DIR
+from tracesft.workspace import state_dir, use_workspace_zenml_store
 
 
 # Every scalar or list field of the recipe is a flag; nested settings (`distributed`) stay in the YAML.
@@ -127,11 +128,16 @@ def _parser() -> argparse.ArgumentParser:
     rollback.set_defaults(handler=_adapters_rollback)
     history = adapter_commands.add_parser("history", help="every change of champion, oldest first")
     history.set_defaults(handler=_adapters_history)
-    export = adapter_commands.add_parser("export", help="write base + adapter merged into one model for serving")
+    export = adapter_commands.add_parser(
+        "export", help="write the adapter and the exact base it was evaluated on; --merged: one merged model, measured"
+    )
     export.add_argument("version", help="a version number or an alias (champion, challenger)")
-    export.add_argument("--merged", type=Path, required=True, metavar="OUT", help="a new directory for the merged model")
-    export.add_argument("--base-model", default=None, help="the base model here, if not where the adapter records it")
-    export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    export.add_argument("out", type=Path, nargs="?", default=None, help="a new directory for the export")
+    export.add_argument("--merged", type=Path, nargs="?", const=True, default=None, metavar="OUT",
+                        help="write base + adapter merged instead (refused when its logits move from the evaluated "
+                             "adapter's by more than registry.max_merged_logit_deviation); OUT may be given here")
+    export.add_argument("--base-model", default=None, help="with --merged: the base model here, if not where the adapter records it")
+    export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="with --merged")
     export.set_defaults(handler=_adapters_export)
     for sub in (listing, show, promote, rollback, history, export):
         sub.add_argument("--config", type=Path, default=None)
@@ -140,23 +146,39 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    _prepare_embedded_workspace()
     return _run_and_report(embedded_config_path(), args.json, embedded_config_path())
 
 
-def _prepare_embedded_workspace() -> None:
-    # The embedded default keeps its ZenML store beside its MLflow database, away from the user's own.
-    os.environ.setdefault("ZENML_CONFIG_PATH", str((STATE_DIR / "zenml").resolve()))
-    from tracesft.workspace import prepare_demo_workspace
+def _use_state_of(config: Path | None) -> None:
+    """Find the state of `config` (None: the embedded default) as every command finds it.
 
-    prepare_demo_workspace()
+    The embedded default's files are laid out in the workspace and its ZenML store is the
+    workspace's (`tracesft.workspace.use_workspace_zenml_store`); a given configuration uses the
+    active ZenML store, as `zenml pipeline run -c FILE` does.
+    """
+    if config is None or config == embedded_config_path():
+        use_workspace_zenml_store()
+        from tracesft.workspace import prepare_demo_workspace
+
+        prepare_demo_workspace()
+
+
+def _registry_of(args: argparse.Namespace) -> RegistrySettings:
+    """The registry an `adapters` command reads, which must exist already."""
+    from tracesft.train.tracking import existing_tracking_uri
+
+    if args.config is None:
+        use_workspace_zenml_store()  # promote and rollback move the ZenML stage of the demo's runs
+    settings = load_run_config(args.config).registry
+    existing_tracking_uri(settings)
+    return settings
 
 
 def _grpo(args: argparse.Namespace) -> int:
     from pipelines.run import run_grpo_pipeline, run_summary
 
     if args.config is None:
-        _prepare_embedded_workspace()
+        _use_state_of(None)  # the demo's workspace, registry and ZenML store
     config = args.config or embedded_grpo_config_path()
     require_device(load_grpo_config(config).device, str(config))  # fail fast, before ZenML starts
     summary = run_summary(run_grpo_pipeline(config))
@@ -184,7 +206,7 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, f"recipe_{name}") for name in RECIPE_FLAGS
                  if getattr(args, f"recipe_{name}") is not None}
     if overrides:
-        config = with_training_overrides(config, overrides, STATE_DIR / "run-configs")
+        config = with_training_overrides(config, overrides, state_dir() / "run-configs")
     load_run_config(config)  # fail fast, with a clear message, before ZenML starts
     return _run_and_report(config, args.json, args.config or embedded_config_path())
 
@@ -192,8 +214,6 @@ def _run(args: argparse.Namespace) -> int:
 def _retrain(args: argparse.Namespace) -> int:
     if not args.traces.is_dir():
         raise TracesftError(f"{args.traces}: no such folder; give the folder where new GPT result files arrive.")
-    if args.config is None:
-        _prepare_embedded_workspace()
     source = args.config or embedded_config_path()
     load_run_config(source)  # fail fast, with a clear message, before ZenML starts
     with tempfile.TemporaryDirectory(prefix="tracesft-retrain-") as directory:
@@ -209,6 +229,7 @@ def _run_and_report(config: Path, as_json: bool, shown_config: Path) -> int:
 
     run_config = load_run_config(config)
     require_device(run_config.device, str(shown_config))  # before ZenML starts, not in its first GPU step
+    _use_state_of(shown_config)
     settings = run_config.registry
     summary = run_summary(run_pipeline(config))
     if as_json:
@@ -353,7 +374,7 @@ def _solve(args: argparse.Namespace) -> int:
 def _adapters_list(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import list_versions
 
-    rows = list_versions(load_run_config(args.config).registry)
+    rows = list_versions(_registry_of(args))
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     elif not rows:
@@ -368,7 +389,7 @@ def _adapters_list(args: argparse.Namespace) -> int:
 def _adapters_show(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import list_versions
 
-    settings = load_run_config(args.config).registry
+    settings = _registry_of(args)
     match = [row for row in list_versions(settings) if row["version"] == args.version]
     if not match:
         raise TracesftError(f"{settings.model_name} has no version {args.version!r}; see `tracesft adapters list`.")
@@ -379,7 +400,7 @@ def _adapters_show(args: argparse.Namespace) -> int:
 def _adapters_promote(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import promote_version
 
-    settings = load_run_config(args.config).registry
+    settings = _registry_of(args)
     change = promote_version(settings, args.version, force=args.force, reason=args.reason)
     return _report_change(settings, change, args.json)
 
@@ -387,7 +408,7 @@ def _adapters_promote(args: argparse.Namespace) -> int:
 def _adapters_rollback(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import rollback_champion
 
-    settings = load_run_config(args.config).registry
+    settings = _registry_of(args)
     return _report_change(settings, rollback_champion(settings, reason=args.reason), args.json)
 
 
@@ -409,7 +430,7 @@ def _report_change(settings, change, as_json: bool) -> int:
 def _adapters_history(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import champion_history
 
-    history = champion_history(load_run_config(args.config).registry)
+    history = champion_history(_registry_of(args))
     if args.json:
         print(json.dumps([change.model_dump() for change in history], indent=2))
     elif not history:
@@ -421,16 +442,24 @@ def _adapters_history(args: argparse.Namespace) -> int:
 
 
 def _adapters_export(args: argparse.Namespace) -> int:
-    from tracesft.registry.serving import export_registered_merged
+    from tracesft.registry.serving import export_registered
 
-    run_config = load_run_config(args.config)
+    merged = args.merged is not None
+    outs = [out for out in (args.out, None if args.merged is True else args.merged) if out is not None]
+    if len(outs) != 1:
+        raise TracesftError("give one output folder: `adapters export VERSION OUT [--merged]` (or the older `--merged OUT`).")
+    run_config = load_run_config(args.config)  # the registry's existence is checked after the output folder's
     require_device(run_config.device, str(args.config or embedded_config_path()))
     settings = run_config.registry
-    out = export_registered_merged(settings, args.version, args.merged, run_config.device, args.base_model, args.dtype)
+    report = export_registered(settings, args.version, outs[0], run_config.device, merged, args.base_model, args.dtype)
     if args.json:
-        print(json.dumps({"name": settings.model_name, "version": args.version, "merged": str(out), "dtype": args.dtype}))
+        print(json.dumps(report))
+    elif merged:
+        print(f"Merged {settings.model_name} version {report['version']} ({args.dtype}) into {outs[0]}; logits within "
+              f"{report['max_logit_deviation']:.2e} (relative) of the evaluated adapter, recorded on the version.")
     else:
-        print(f"Merged {settings.model_name} {args.version} ({args.dtype}) into {out}")
+        print(f"Exported {settings.model_name} version {report['version']} into {outs[0]}: the adapter and its base "
+              f"{report['base_model']} (see {outs[0] / 'tracesft_export.json'}).")
     return 0
 
 

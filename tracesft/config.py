@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tracesft.data.corr2cause import TEMPLATES
 from tracesft.errors import TracesftError
+from tracesft.workspace import ModelSource, WorkspacePath
 
 PRODUCTION_BASE_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"
 
@@ -95,8 +96,8 @@ class TrainingRecipe(_Settings):
     liger_kernels: bool = True  # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) on CUDA; the loss head is TRL's
     eval_steps: int | None = Field(None, gt=0)  # validation loss every N steps; None: each epoch
     save_steps: int = Field(50, gt=0)  # a resumable checkpoint every N optimizer steps
-    checkpoint_dir: str | None = None  # persistent root to resume from (a mounted volume); None: scratch only
-    quantized_base_cache: str | None = None  # directory keeping the 4-bit base once built; None: no cache
+    checkpoint_dir: WorkspacePath | None = None  # persistent root to resume from (a mounted volume); None: scratch only
+    quantized_base_cache: WorkspacePath | None = None  # directory keeping the 4-bit base once built; None: no cache
 
     @model_validator(mode="after")
     def _full_fine_tuning_is_unquantised(self) -> "TrainingRecipe":
@@ -148,10 +149,11 @@ class EvalSettings(_Settings):
     """Generation settings for scoring base and fine-tuned models on the eval set."""
 
     max_new_tokens: int = Field(2048, gt=0)
-    # Most sequences decoded at once, halved on out-of-memory. The engine (`fast_inference`) takes
-    # fewer where GPU memory holds fewer KV-cache slots of prompt + max_new_tokens positions (~100
-    # on an H200 beside the 32B's bf16 weights, ~85 on an 80 GB card beside its NF4 weights).
-    batch_size: int = Field(128, gt=0)
+    # Most sequences decoded at once, halved on out-of-memory. The engine (`fast_inference`) keeps
+    # in its KV pool only what is in flight (prompts and answers so far): when the pool is full the
+    # latest admitted request waits and is recomputed. 256 on the 32B on an H200: the pool (~290k
+    # positions beside the bf16 weights) holds 256 answers of the evaluation's lengths.
+    batch_size: int = Field(256, gt=0)
     do_sample: bool = False
     temperature: float = Field(0.6, gt=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
@@ -162,7 +164,7 @@ class EvalSettings(_Settings):
     validation_split: bool = True  # also score the traces' validation split
     renamed_variables: bool = True  # also score the eval set with variables renamed A→Z, B→Y, …
     # Per-example generations are cached here, so an interrupted evaluation resumes; None: off.
-    cache_dir: str | None = ".tracesft/eval-cache"
+    cache_dir: WorkspacePath | None = Field(".tracesft/eval-cache", validate_default=True)
     # Decode with the continuous-batching engine (`tracesft.generate.engine`) on the seed's layers
     # without PEFT's wrappers, the NF4 base dequantised once to bf16 where memory allows and the
     # adapter unmerged (BENCHMARKS.md). false: HF `generate` through PEFT in static batches, as the seed.
@@ -179,6 +181,12 @@ class RegistrySettings(_Settings):
     experiment_name: str = "tracesft"
     model_name: str = "corr2cause-r1-lora"
     promotion_margin: float = Field(0.0, ge=0.0)
+    # `adapters export --merged` refuses a merge whose logits move further than this (relative, on
+    # fixed prompts) from the evaluated adapter. 0.02 is the bound the evaluation's own fast paths
+    # are held to (benchmarks/eval_throughput.py): a merge is served only if it is as faithful to
+    # the promoted scores as evaluation is to the seed. A float32 merge stays near 1e-6; the 32B's
+    # bf16 merge moved 0.143 and is refused.
+    max_merged_logit_deviation: float = Field(0.02, ge=0.0)
 
     @field_validator("model_name")
     @classmethod
@@ -196,15 +204,15 @@ class RegistrySettings(_Settings):
 class RunConfig(_Settings):
     """Everything one pipeline run needs; mirrors the pipeline's parameters one to one."""
 
-    traces: list[str] = Field(min_length=1)
+    traces: list[WorkspacePath] = Field(min_length=1)
     device: Device = "cuda"  # cpu: unquantised fp32 with AdamW (the demo); cuda: the seed recipe as written
     field_map: dict[str, str] = Field(default_factory=dict)
     # A record ingestion cannot read (e.g. one broken JSONL line): stop the run ("error") or skip
     # it and list it in the ingested batch and the step's metadata ("skip").
     on_bad_record: Literal["error", "skip"] = "error"
-    base_model: str = PRODUCTION_BASE_MODEL
+    base_model: ModelSource = PRODUCTION_BASE_MODEL
     base_model_revision: str | None = None
-    eval_set: str
+    eval_set: WorkspacePath
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
     training: TrainingRecipe = Field(default_factory=TrainingRecipe)
@@ -290,9 +298,9 @@ class GrpoRunConfig(_Settings):
     """Everything one GRPO pipeline run needs; mirrors `pipelines.grpo_pipeline`'s parameters one to one."""
 
     parent: str = "champion"  # the registered adapter to continue: an alias or a version number
-    eval_set: str  # the Corr2Cause CSV the parent was scored on; GRPO problems are held apart from it
+    eval_set: WorkspacePath  # the Corr2Cause CSV the parent was scored on; GRPO problems are held apart from it
     device: Device = "cuda"
-    base_model: str | None = None  # where the parent's base lives on this machine; None: as the parent records
+    base_model: ModelSource | None = None  # where the parent's base lives on this machine; None: as the parent records
     problems: ProblemSettings = Field(default_factory=ProblemSettings)
     reward: RewardSettings = Field(default_factory=RewardSettings)
     grpo: GrpoSettings = Field(default_factory=GrpoSettings)
@@ -332,7 +340,7 @@ def with_training_overrides(path: str | Path | None, overrides: dict[str, str], 
 
 
 def _accepts_none(annotation: object) -> bool:
-    return "None" in str(annotation)
+    return type(None) in get_args(annotation)
 
 
 def embedded_config_path() -> Path:

@@ -4,7 +4,9 @@ Skipped without CUDA. On a CUDA machine: `python -m pytest tests/gpu/test_engine
 The tiny Qwen2 loaded in NF4 (the production loading path) with a random LoRA adapter is put in
 its decoding form (`for_decoding`: the 4-bit layers dequantised once, LoRA unmerged), then:
 - the decode step replayed as a CUDA graph gives the same tokens as the same step run eagerly;
-- the engine's logits (FlashAttention over the slot cache) match HF's forward on the same
+- a KV pool too small for every row grows, moves and compacts runs, preempts and recomputes, and
+  still gives (nearly) the same tokens;
+- the engine's logits (FlashAttention over the KV pool) match HF's forward on the same
   weights within bf16 rounding, and its greedy answers match HF `generate` one prompt at a time
   on nearly every token (bf16 kernels of different attention implementations can flip a near-tie).
 """
@@ -79,3 +81,25 @@ def test_engine_agrees_with_hf_generate(model) -> None:
         same, total = same + agree, total + len(expected)
     print(f"greedy tokens identical up to the first difference: {same}/{total}")
     assert same >= 0.9 * total
+
+
+def _agreement(expected: list[int], got: list[int]) -> int:
+    """Tokens equal up to the first difference (after it the answers continue different texts)."""
+    return next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), len(expected))
+
+
+def test_a_small_kv_pool_preempts_and_recomputes(model) -> None:
+    """Answers that outgrow their runs in a pool too small for all rows: runs grow, move and are
+    compacted, the latest admitted request is preempted and recomputed; every answer still ends at
+    its limit, and nearly every token equals a roomy pool's (a recomputed position goes through the
+    prefill kernels, which can flip a bf16 near-tie)."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(4, model.config.vocab_size) for _ in range(rng.randint(200, 250))] for _ in range(8)]
+    limits = [rng.randint(60, 100) for _ in range(8)]
+    roomy = _run(Engine(model, 4, 512), prompts, limits)
+    engine = Engine(model, 4, 512, blocks=65, block_size=16)  # 1,024 positions for 4 requests of up to 350
+    tight = _run(engine, prompts, limits)
+    print(engine.stats)
+    assert engine.stats.preemptions and engine.stats.moves
+    assert all(len(tight[i]) == limits[i] for i in range(8))
+    assert sum(_agreement(roomy[i], tight[i]) for i in range(8)) >= 0.9 * sum(limits)

@@ -31,7 +31,8 @@ from tracesft.errors import TracesftError
 
 logger = logging.getLogger(__name__)
 
-BatchGenerator = Callable[[list[list[int]]], list[str]]
+# decode(prompts, limits, concurrency, finished): calls finished(position, text) as each answer ends.
+Decoder = Callable[[list[list[int]], list[int], int, Callable[[int, str], None]], None]
 
 
 class GenerationStats(BaseModel):
@@ -135,47 +136,58 @@ def stop_tokens(model: Any, tokenizer: Any) -> list[int]:
 
 
 def engine_decoder(model: Any, tokenizer: Any, settings: EvalSettings) -> Decoder:
-    """Continuous batching (`tracesft.generate.engine`): the slots are as many as `concurrency`
-    asks, as many prompts as there are, and as many as fit in GPU memory, whichever is least."""
+    """Continuous batching (`tracesft.generate.engine`) with a KV cache planned by `plan_cache`."""
     from tracesft.generate.engine import Engine, Sampling
 
     stop = stop_tokens(model, tokenizer)
 
     def decode(prompts: list[list[int]], limits: list[int], concurrency: int, finished: Callable[[int, str], None]) -> None:
         max_len = max(len(p) + n for p, n in zip(prompts, limits))
-        slots = min(concurrency, len(prompts), slots_that_fit(model, max_len))
-        logger.info("decoding %d prompts in %d slots of %d positions", len(prompts), slots, max_len)
+        plan = plan_cache(model, prompts, limits, concurrency)
+        logger.info("decoding %d prompts in %d rows of up to %d positions, %s KV blocks", len(prompts), plan.rows, max_len,
+                    plan.blocks if plan.blocks is not None else "enough")
         sampling = Sampling()
         if settings.do_sample:
             generator = torch.Generator(device=model.device).manual_seed(settings.seed)
             sampling = Sampling(settings.temperature, settings.top_p, generator)
-        Engine(model, slots, max_len).run(
-            prompts, limits, lambda i, ids: finished(i, tokenizer.decode(ids, skip_special_tokens=True)),
-            stop_tokens=stop, sampling=sampling,
-        )
+        engine = Engine(model, plan.rows, max_len, blocks=plan.blocks)
+        engine.run(prompts, limits, lambda i, ids: finished(i, tokenizer.decode(ids, skip_special_tokens=True)),
+                   stop_tokens=stop, sampling=sampling)
+        logger.info("engine: %s", engine.stats)
 
     return decode
 
 
-def slots_that_fit(model: Any, max_len: int) -> int:
-    """How many KV-cache slots of `max_len` positions fit in the GPU memory left (no limit on a CPU).
+class CachePlan(BaseModel):
+    rows: int  # decoding rows (requests in flight at most)
+    blocks: int | None  # KV blocks; None: enough for every row at full length (no GPU limit)
 
-    Leaves room for the prefill's activations (`engine.PREFILL_TOKENS` rows through the widest
-    layer, twice over) and 2 GiB besides.
+
+def plan_cache(model: Any, prompts: list[list[int]], limits: list[int], concurrency: int) -> CachePlan:
+    """Rows: as many as `concurrency` asks (and as there are prompts). KV blocks: as many as fit
+    in the GPU memory left, less room for the prefill's activations (`engine.PREFILL_TOKENS` rows
+    through the widest layer, twice over) and 2 GiB besides.
+
+    The rows are not sized for every answer at full length: the engine admits a request when
+    its prompt fits and preempts (then recomputes) the latest admitted when growing answers fill
+    the pool, so memory holds what is in flight.
     """
-    from tracesft.generate.engine import PREFILL_TOKENS, SlotCache, free_gpu_bytes
+    from tracesft.generate.engine import CUDA_BLOCK_SIZE, PREFILL_TOKENS, free_gpu_bytes, kv_bytes_per_position
 
+    rows = min(concurrency, len(prompts))
     if model.device.type != "cuda":
-        return 2**31
-    free = free_gpu_bytes(model.device)
+        return CachePlan(rows=rows, blocks=None)
     config = model.config
     element = model.lm_head.weight.element_size()
     activations = 2 * PREFILL_TOKENS * (4 * config.hidden_size + 3 * config.intermediate_size) * element
-    budget = free - activations - 2 * 2**30
-    per_slot = SlotCache.bytes_per_slot(config, max_len, model.lm_head.weight.dtype)
-    if budget < per_slot:
-        raise torch.cuda.OutOfMemoryError(f"no room for one KV-cache slot of {max_len} positions")
-    return budget // per_slot
+    free = free_gpu_bytes(model.device)
+    blocks = (free - activations - 2 * 2**30) // (kv_bytes_per_position(config, model.lm_head.weight.dtype) * CUDA_BLOCK_SIZE)
+    logger.info("KV pool: %d blocks of %d positions (%.1f GiB free, %.1f GiB allocated)", blocks, CUDA_BLOCK_SIZE,
+                free / 2**30, torch.cuda.memory_allocated(model.device) / 2**30)
+    longest = max(len(p) + n for p, n in zip(prompts, limits))
+    if (blocks - 1) * CUDA_BLOCK_SIZE < longest:
+        raise torch.cuda.OutOfMemoryError(f"no room for the KV cache of one request of {longest} positions")
+    return CachePlan(rows=rows, blocks=int(blocks))
 
 
 def generate_options(settings: EvalSettings) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Continuous batching: every decoding slot busy until the queue is empty, each step one graph launch.
+"""Continuous batching over a paged KV cache: every decoding row busy, each step one graph launch.
 
 Why a hand-written engine: evaluation generates up to 2,048 tokens for each of ~1,200 prompts,
 and reasoning answers range from a few hundred tokens to the limit. Static batches (HF
@@ -7,18 +7,29 @@ and reasoning answers range from a few hundred tokens to the limit. Static batch
 `generate` on the 32B architecture (BENCHMARKS.md), and no maintained engine with paged
 attention (vLLM, SGLang) installs beside this project's pinned torch. So:
 
-- **Slots.** The KV cache is one static tensor per layer, `slots x max_len` positions. A
-  request owns a slot from its prefill until its answer ends, then the next request in the
-  queue takes the slot (refill), so the GPU always decodes a full batch.
+- **Pooled KV cache.** Keys and values live in one pool of positions shared by all requests
+  (`kv_pool.KVPool`); each request holds one contiguous run of blocks that grows with its
+  answer and returns to the pool when it ends. Memory holds the answers actually in flight, not
+  `max_len` positions per row (a row reserved prompt + 2,048 positions while the median answer
+  is ~700), so about twice as many requests decode at once.
+- **Rows.** A request owns a decoding row from its prefill until its answer ends; then the next
+  request in the queue takes the row (refill), so the GPU decodes a full batch. Active requests
+  are kept in the first rows (a request's row only says where its run starts: moving it copies
+  nothing), and the step runs at the smallest captured size that holds them: the tail of a run,
+  when the last long answers finish alone, does not pay for idle rows.
+- **Out of blocks.** Requests are admitted while blocks are free; when a growing answer finds
+  none (after compacting the pool), the most recently admitted request is preempted: its blocks
+  are freed and it goes back to the head of the queue with its answer so far, which the next
+  prefill recomputes.
 - **Attention for decode.** On CUDA, FlashAttention's variable-length kernel
-  (`aten._flash_attention_forward`) reads each slot only up to its own length (`seqused_k`):
-  no padding is attended, and every step has the same shapes. On the CPU, SDPA with a
-  length mask (the same arithmetic, slower).
+  (`aten._flash_attention_forward`) reads each row from its run's start (`cum_seq_k`) up to its
+  own length (`seqused_k`): no padding is attended, and every step has the same shapes. On the
+  CPU, SDPA over each row's gathered positions with a length mask (the same arithmetic, slower).
 - **CUDA graphs.** With static shapes the whole decode step (64 layers, ~5,000 kernels on the
-  32B) is captured once and replayed: the per-operation CPU cost that bound the eager path
-  (cuDNN attention alone planned ~5 ms per call at decode) is gone.
+  32B) is captured once per row count and replayed: the per-operation CPU cost that bound the
+  eager path (cuDNN attention alone planned ~5 ms per call at decode) is gone.
 - **Prefill** runs eagerly, packed (no padding), several new requests per call, and writes their
-  keys and values into their slots. Refills wait until an eighth of the slots are free, so one
+  keys and values into their runs. Refills wait until a sixteenth of the rows are free, so one
   prefill call serves several requests.
 - **Exactness.** The model's own modules compute everything except attention: its norms,
   rotary embedding, projections (the unmerged LoRA of `inference.LoraLinear` included), MLP and
@@ -29,7 +40,9 @@ Supported: decoder-only models with Llama's layer layout (Qwen2, Llama, Mistral)
 
 from __future__ import annotations
 
+import gc
 import logging
+import math
 import sys
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -40,14 +53,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tracesft.generate.kv_pool import KVPool
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
-# Refill when this share of the slots is free: one prefill call then serves several requests.
-REFILL_FRACTION = 1 / 8
+# Refill when this share of the rows is free: one prefill call then serves several requests.
+REFILL_FRACTION = 1 / 16
 # Prompt tokens per prefill call: bounds the prefill's activations (the 32B's MLP: ~0.45 GB per
 # 8k rows and tensor), which is memory the KV cache cannot have.
 PREFILL_TOKENS = 8_192
+# Positions per KV block: the pool's unit of allocation (small on the CPU, so tests exercise it).
+CUDA_BLOCK_SIZE = 64
+CPU_BLOCK_SIZE = 16
+# A run that must grow takes this many blocks beyond what it needs now: fewer moves.
+GROWTH_BLOCKS = 2
+# Decode at row counts from the full batch down to 1/32 of it, halving: each is one captured graph.
+SMALLEST_BUCKET_SHARE = 1 / 32
+# Blocks kept free when admitting beside running requests, for their growth (vLLM keeps 1% too):
+# fewer preemptions, each of which recomputes a request's prompt and answer so far.
+ADMISSION_WATERMARK = 0.01
 
 Finished = Callable[[int, list[int]], None]
 
@@ -78,16 +103,33 @@ class Sampling:
         return order.gather(-1, choice).squeeze(-1)
 
 
-@dataclass
-class _Slot:
-    request: int = -1  # -1: free
-    prompt_length: int = 0
-    tokens: list[int] = field(default_factory=list)  # the answer so far
-    limit: int = 0  # new tokens this request may produce in total
+@dataclass(eq=False)  # identity: a request is itself, whatever its tokens
+class _Request:
+    """A request in a decoding row: its prompt, its answer so far, and the run of blocks holding both."""
+
+    index: int
+    prompt_length: int
+    tokens: list[int]  # the answer so far (tokens carried over a preemption included)
+    limit: int  # new tokens this request may produce in total
+    admitted: int  # admission order: the latest admitted is preempted first
+    start: int = 0  # first block of its run
+    capacity: int = 0  # blocks in its run
 
     @property
-    def free(self) -> bool:
-        return self.request < 0
+    def last_position(self) -> int:
+        """Where the answer's last token goes in the cache (the next step writes it there); the
+        positions before it are written."""
+        return self.prompt_length + len(self.tokens) - 1
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_calls: int = 0
+    preemptions: int = 0
+    moves: int = 0  # runs copied elsewhere to grow
+    compactions: int = 0
+    peak_active: int = 0
 
 
 def head_dim(config: Any) -> int:
@@ -98,33 +140,34 @@ def head_dim(config: Any) -> int:
 def free_gpu_bytes(device: torch.device) -> int:
     """GPU memory that a new large tensor can really have on `device`.
 
-    Cached blocks are returned first: freed 4-bit weights, say, sit in segments too small for a
-    layer's KV cache, so counting the allocator's reserve as free promised memory that could not
-    be had (two out-of-memory restarts in the first H200 run).
+    Unreachable objects are collected and cached blocks returned first. The 4-bit layers that
+    `inference.dequantize_base` replaces (and PEFT's wrappers around them) sit in reference
+    cycles, so only the garbage collector frees them: without it, 15 GiB of NF4 weights stayed
+    allocated beside the bf16 copies on the 32B (H200), a fifth of the KV pool. And freed blocks
+    sit in segments too small for a layer's cache, so counting the allocator's reserve as free
+    promised memory that could not be had (two out-of-memory restarts in the first H200 run).
     """
+    gc.collect()
     torch.cuda.empty_cache()
     return torch.cuda.mem_get_info(device)[0]
 
 
-class SlotCache:
-    """Keys and values of every layer, `slots x max_len` positions, flat per layer for the kernels."""
-
-    def __init__(self, config: Any, slots: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (config.num_hidden_layers, slots * max_len, config.num_key_value_heads, head_dim(config))
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.slots, self.max_len = slots, max_len
-
-    @staticmethod
-    def bytes_per_slot(config: Any, max_len: int, dtype: torch.dtype) -> int:
-        element = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.num_hidden_layers * max_len * config.num_key_value_heads * head_dim(config) * element
+def kv_bytes_per_position(config: Any, dtype: torch.dtype) -> int:
+    """Bytes of keys and values that one token position takes across all layers."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * element
 
 
 class Engine:
-    """Greedy or sampled decoding of many prompts with continuous batching (see the module docstring)."""
+    """Greedy or sampled decoding of many prompts with continuous batching (see the module docstring).
 
-    def __init__(self, model: nn.Module, slots: int, max_len: int, *, cuda_graphs: bool | None = None) -> None:
+    `slots` decoding rows at most, prompt plus answer at most `max_len` positions each; `blocks`
+    KV blocks of `block_size` positions in all (default: enough for every row at `max_len`, so
+    nothing is ever preempted).
+    """
+
+    def __init__(self, model: nn.Module, slots: int, max_len: int, *, blocks: int | None = None,
+                 block_size: int | None = None, cuda_graphs: bool | None = None) -> None:
         if not supports(model):
             raise ValueError(f"the engine does not decode {model.config.model_type!r} models")
         self.model = model
@@ -133,25 +176,35 @@ class Engine:
         self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
         self.head = model.lm_head
         self.apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
-        parameter = next(model.parameters())
-        self.device = parameter.device
+        self.device = next(model.parameters()).device
         self.dtype = self.embed.weight.dtype
         self.heads = self.config.num_attention_heads
         self.kv_heads = self.config.num_key_value_heads
         self.head_dim = head_dim(self.config)
         self.scale = self.head_dim**-0.5
-        self.cache = SlotCache(self.config, slots, max_len, self.device, self.dtype)
         self.slots, self.max_len = slots, max_len
+        self.block_size = block_size or (CUDA_BLOCK_SIZE if self.device.type == "cuda" else CPU_BLOCK_SIZE)
+        self.row_blocks = math.ceil(max_len / self.block_size)  # the longest run a request can need
+        # A cache with room for every row at `max_len` never runs out: no watermark needed.
+        self.watermark = 0 if blocks is None else math.ceil(blocks * ADMISSION_WATERMARK)
+        blocks = blocks if blocks is not None else slots * self.row_blocks + 1
+        self.cache = KVPool.for_model(self.config, blocks, self.block_size, self.device, self.dtype)
         self.on_cuda = self.device.type == "cuda"
         self.use_graphs = self.on_cuda if cuda_graphs is None else cuda_graphs
+        self.buckets = sorted({slots} | {2**k for k in range(slots.bit_length()) if slots * SMALLEST_BUCKET_SHARE <= 2**k < slots})
         # The decode step's inputs live in fixed tensors, so a captured graph reads whatever they hold.
-        self.step_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.step_positions = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.step_lengths = torch.ones(slots, dtype=torch.int32, device=self.device)  # positions attended, this token included
-        self.slot_starts = torch.arange(slots + 1, dtype=torch.int32, device=self.device) * max_len
-        self.query_starts = torch.arange(slots + 1, dtype=torch.int32, device=self.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.graph_logits: torch.Tensor | None = None
+        # Idle rows: token 0 at position 0 of the scratch block, attending to that one position.
+        # `key_starts[row]` is where the row's run starts in the pool (its last entry is never read).
+        device = self.device
+        self.step_tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.step_positions = torch.zeros(slots, dtype=torch.long, device=device)
+        self.step_lengths = torch.ones(slots, dtype=torch.int32, device=device)  # positions attended, this token included
+        self.step_write_at = torch.zeros(slots, dtype=torch.long, device=device)  # flat cache index of this token
+        self.key_starts = torch.zeros(slots + 1, dtype=torch.int32, device=device)
+        self.query_starts = torch.arange(slots + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_pool: Any = None
+        self.stats = EngineStats()
 
     # ---- the model, layer by layer ----------------------------------------------------------
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -174,10 +227,10 @@ class Engine:
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.norm(hidden)
 
-    def _decode_logits(self) -> torch.Tensor:
-        """One decoding step for every slot: the new token's keys and values are written at its
-        position, then it attends to its slot's first `step_lengths` positions."""
-        write_at = self.slot_starts[:-1].long() + self.step_positions
+    def _decode_logits(self, rows: int) -> torch.Tensor:
+        """One decoding step for the first `rows` rows: each new token's keys and values are
+        written at its position, then it attends to its run's first `step_lengths` positions."""
+        write_at, lengths, starts = self.step_write_at[:rows], self.step_lengths[:rows], self.key_starts[: rows + 1]
 
         def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             keys, values = self.cache.keys[layer], self.cache.values[layer]
@@ -185,34 +238,38 @@ class Engine:
             values.index_copy_(0, write_at, value)
             if self.on_cuda:
                 return torch.ops.aten._flash_attention_forward(
-                    query, keys, values, self.query_starts, self.slot_starts, 1, self.max_len, 0.0, True, False,
-                    scale=self.scale, seqused_k=self.step_lengths,
+                    query, keys, values, self.query_starts[: rows + 1], starts, 1, self.max_len, 0.0, True, False,
+                    scale=self.scale, seqused_k=lengths,
                 )[0]
-            return self._masked_decode_attention(query, keys, values)
+            return self._masked_decode_attention(query, keys, values, starts[:-1], lengths)
 
-        hidden = self._forward(self.step_tokens, self.step_positions, attend)
+        hidden = self._forward(self.step_tokens[:rows], self.step_positions[:rows], attend)
         return self.head(hidden)
 
-    def _masked_decode_attention(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        shape = (self.slots, self.max_len, self.kv_heads, self.head_dim)
-        keys, values = keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)
-        mask = torch.arange(self.max_len, device=self.device)[None, :] < self.step_lengths[:, None]
+    def _masked_decode_attention(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                                 starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        window = torch.arange(self.max_len, device=self.device)
+        gather = (starts.long()[:, None] + window).clamp(max=keys.shape[0] - 1)  # (rows, max_len) pool positions
+        row_keys, row_values = (t[gather].transpose(1, 2) for t in (keys, values))  # (rows, kv_heads, max_len, dim)
+        mask = window[None, :] < lengths[:, None]
         output = F.scaled_dot_product_attention(
-            query[:, :, None], keys, values, attn_mask=mask[:, None, None, :], scale=self.scale, enable_gqa=True
+            query[:, :, None], row_keys, row_values, attn_mask=mask[:, None, None, :], scale=self.scale, enable_gqa=True
         )
         return output[:, :, 0]
 
-    def _prefill_logits(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Process whole prompts (packed, no padding) into their slots; logits at each prompt's end."""
+    def _prefill_logits(self, prompts: list[list[int]], runs: list[int]) -> torch.Tensor:
+        """Process whole prompts (packed, no padding) into the runs starting at blocks `runs`;
+        logits at each prompt's end."""
         lengths = [len(p) for p in prompts]
         tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
-        write_at = torch.cat([torch.arange(n, device=self.device) + slot * self.max_len for n, slot in zip(lengths, slots)])
+        write_at = torch.cat([torch.arange(n, device=self.device) + run * self.block_size for n, run in zip(lengths, runs)])
         starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=self.device)
 
         def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-            self.cache.keys[layer].index_copy_(0, write_at, key)
-            self.cache.values[layer].index_copy_(0, write_at, value)
+            keys, values = self.cache.keys[layer], self.cache.values[layer]
+            keys.index_copy_(0, write_at, key)
+            values.index_copy_(0, write_at, value)
             if self.on_cuda:
                 return torch.ops.aten._flash_attention_forward(
                     query, key, value, starts, starts, max(lengths), max(lengths), 0.0, True, False, scale=self.scale
@@ -226,26 +283,36 @@ class Engine:
         hidden = self._forward(tokens, positions, attend)
         return self.head(hidden[starts[1:].long() - 1])
 
-    # ---- the decode step as a CUDA graph ------------------------------------------------------
-    def _decode(self) -> torch.Tensor:
+    # ---- the decode step as CUDA graphs, one per row count ------------------------------------
+    def _decode(self, active: int) -> torch.Tensor:
+        """Logits of the first `active` rows, computed at the smallest bucket that holds them."""
+        rows = next(size for size in self.buckets if size >= active)
         if not self.use_graphs:
-            return self._decode_logits()
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.graph_logits
+            return self._decode_logits(rows)[:active]
+        if rows not in self.graphs:
+            self.graphs[rows] = self._capture(rows)
+        graph, logits = self.graphs[rows]
+        graph.replay()
+        return logits[:active]
 
-    def _capture(self) -> None:
-        """Warm up on a side stream (as torch's CUDA-graph guide says), then capture one step."""
+    def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream (as torch's CUDA-graph guide says), then capture one step.
+
+        All row counts share one memory pool: they never run at once, and each step's logits are
+        read before the next replay.
+        """
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._decode_logits()
+                self._decode_logits(rows)
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.graph_logits = self._decode_logits()
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            logits = self._decode_logits(rows)
+        return graph, logits
 
     # ---- the scheduler ----------------------------------------------------------------------
     def run(
@@ -267,61 +334,142 @@ class Engine:
         too_long = [i for i, p in enumerate(prompts) if len(p) + limits[i] > self.max_len or not p]
         if too_long:
             raise ValueError(f"prompt {too_long[0]} is empty or does not fit {self.max_len} positions with its answer")
-        stop = set(stop_tokens)
-        queue = deque(range(len(prompts)))
-        table = [_Slot() for _ in range(self.slots)]
+        self._prompts, self._limits, self._sampling, self._stop, self._finished = prompts, limits, sampling, set(stop_tokens), finished
+        self._queue: deque[tuple[int, list[int]]] = deque((i, []) for i in range(len(prompts)))  # (request, answer so far)
+        self._active: list[_Request] = []
+        self._admissions = 0
         refill_at = max(1, int(self.slots * REFILL_FRACTION))
 
-        def end(slot: _Slot) -> None:
-            finished(slot.request, slot.tokens)
-            slot.request, slot.tokens = -1, []
-
         with torch.inference_mode():
-            while queue or any(not s.free for s in table):
-                free = [i for i, s in enumerate(table) if s.free]
-                if queue and (len(free) >= min(refill_at, len(queue)) or len(free) == self.slots):
-                    self._admit(queue, free, prompts, limits, table, sampling, stop, end)
-                active = [i for i, s in enumerate(table) if not s.free]
-                if not active:
+            while self._queue or self._active:
+                free_rows = self.slots - len(self._active)
+                if self._queue and (free_rows >= min(refill_at, len(self._queue)) or not self._active):
+                    self._admit()
+                if not self._active:
                     continue
-                logits = self._decode()
-                picked = sampling.pick(logits).tolist()
-                for i in active:
-                    slot = table[i]
-                    slot.tokens.append(picked[i])
-                    if picked[i] in stop or len(slot.tokens) >= slot.limit:
-                        end(slot)
-                self._set_step_inputs(table)
+                self._grow_or_preempt()
+                if not self._active:
+                    continue
+                self._set_step_inputs()
+                picked = self._sampling.pick(self._decode(len(self._active))).tolist()
+                self.stats.steps += 1
+                self.stats.peak_active = max(self.stats.peak_active, len(self._active))
+                for request, token in zip(list(self._active), picked):
+                    request.tokens.append(token)
+                    if token in self._stop or len(request.tokens) >= request.limit:
+                        self._end(request)
 
-    def _admit(self, queue: deque, free: list[int], prompts: Sequence[list[int]], limits: list[int],
-               table: list[_Slot], sampling: Sampling, stop: set[int], end: Callable[[_Slot], None]) -> None:
-        """Prefill queued requests into free slots, in calls of at most PREFILL_TOKENS tokens."""
-        while free and queue:
-            batch, slots, budget = [], [], PREFILL_TOKENS
-            while free and queue and (not batch or len(prompts[queue[0]]) <= budget):
-                request = queue.popleft()
-                batch.append(request)
-                slots.append(free.pop(0))
-                budget -= len(prompts[request])
-            first = sampling.pick(self._prefill_logits([list(prompts[r]) for r in batch], slots)).tolist()
-            for request, slot_index, token in zip(batch, slots, first):
-                slot = table[slot_index]
-                slot.request, slot.prompt_length, slot.tokens, slot.limit = request, len(prompts[request]), [token], limits[request]
-                if token in stop or slot.limit <= 1:
-                    end(slot)
-                    free.insert(0, slot_index)
-        self._set_step_inputs(table)
+    def _end(self, request: _Request) -> None:
+        self._finished(request.index, request.tokens)
+        self._release(request)
 
-    def _set_step_inputs(self, table: list[_Slot]) -> None:
-        """The next step's token, position and attended length per slot (free slots: harmless zeros)."""
-        tokens, positions = [], []
-        for slot in table:
-            if slot.free:
-                tokens.append(0)
-                positions.append(0)
-            else:
-                tokens.append(slot.tokens[-1])
-                positions.append(slot.prompt_length + len(slot.tokens) - 1)  # where its last token goes
+    def _release(self, request: _Request) -> None:
+        """Free the request's row and run; the last active request moves into its row."""
+        self.cache.release(request.start, request.capacity)
+        row = self._active.index(request)
+        last = self._active.pop()
+        if last is not request:
+            self._active[row] = last
+
+    def _blocks_for(self, positions: int) -> int:
+        return math.ceil(positions / self.block_size)
+
+    def _admit(self) -> None:
+        """Prefill queued requests into free rows and free runs, in calls of at most PREFILL_TOKENS tokens.
+
+        A request is admitted only if a run for its prompt (and some growth) is free, beside
+        running requests with `ADMISSION_WATERMARK` of the pool to spare; with nothing else
+        running, a prompt longer than the whole pool is an error, not a hang.
+        """
+        while self._queue and len(self._active) < self.slots:
+            batch: list[_Request] = []
+            budget = PREFILL_TOKENS
+            while self._queue and len(self._active) + len(batch) < self.slots:
+                index, carried = self._queue[0]
+                context = len(self._prompts[index]) + len(carried)
+                wanted = min(self._blocks_for(context + 1) + GROWTH_BLOCKS, self.row_blocks)
+                reserve = self.watermark if self._active or batch else 0
+                if (batch and context > budget) or wanted + reserve > self.cache.free_blocks:
+                    break
+                start = self.cache.allocate(wanted)
+                if start is None and not batch:  # free blocks are scattered: gather them, once
+                    self._compact()
+                    start = self.cache.allocate(wanted)
+                if start is None:
+                    break
+                self._queue.popleft()
+                self._admissions += 1
+                batch.append(_Request(index, len(self._prompts[index]), carried, self._limits[index], self._admissions, start, wanted))
+                budget -= context
+            if not batch:
+                if not self._active:
+                    index, carried = self._queue[0]
+                    raise torch.cuda.OutOfMemoryError(
+                        f"request {index} needs {self._blocks_for(len(self._prompts[index]) + len(carried) + 1)} KV blocks; "
+                        f"the cache has {self.cache.free_blocks}"
+                    )
+                return
+            contexts = [list(self._prompts[r.index]) + r.tokens for r in batch]
+            first = self._sampling.pick(self._prefill_logits(contexts, [r.start for r in batch])).tolist()
+            self.stats.prefill_calls += 1
+            for request, token in zip(batch, first):
+                self._active.append(request)
+                request.tokens = [*request.tokens, token]
+                if token in self._stop or len(request.tokens) >= request.limit:
+                    self._end(request)
+
+    def _grow_or_preempt(self) -> None:
+        """Give every request's run room for the position its next token goes to; where the pool
+        has none, preempt the most recently admitted request (recomputed when readmitted)."""
+        for request in sorted(self._active, key=lambda r: r.admitted):
+            needed = self._blocks_for(request.last_position + 1)
+            while request in self._active and needed > request.capacity and not self._grow(request, needed):
+                victim = max(self._active, key=lambda r: r.admitted)
+                self._release(victim)
+                self._queue.appendleft((victim.index, victim.tokens))
+                self.stats.preemptions += 1
+
+    def _grow(self, request: _Request, needed: int) -> bool:
+        """Grow `request`'s run to at least `needed` blocks (plus growth room where it fits): in
+        place, else by moving it to a free run, else after compacting the pool."""
+        roomy = min(needed + GROWTH_BLOCKS, self.row_blocks)
+        for size in (roomy, needed):
+            if self.cache.grow(request.start, request.capacity, size - request.capacity):
+                request.capacity = size
+                return True
+        for attempt in ("as is", "compacted"):
+            if attempt == "compacted":
+                if self.cache.free_blocks < needed:
+                    return False
+                self._compact()
+            for size in (roomy, needed):
+                start = self.cache.allocate(size)
+                if start is not None:
+                    self.cache.move(request.start, start, request.last_position)
+                    self.cache.release(request.start, request.capacity)
+                    request.start, request.capacity = start, size
+                    self.stats.moves += 1
+                    return True
+        return False
+
+    def _compact(self) -> None:
+        starts = self.cache.compact([(r.start, r.capacity, r.last_position) for r in self._active])
+        for request, start in zip(self._active, starts):
+            request.start = start
+        self.stats.compactions += 1
+
+    def _set_step_inputs(self) -> None:
+        """The next step's token, position, write index, attended length and run start per row
+        (idle rows: token 0 at position 0 of the scratch block)."""
+        size = self.block_size
+        tokens, positions, write_at, starts = [0] * self.slots, [0] * self.slots, [0] * self.slots, [0] * (self.slots + 1)
+        for row, request in enumerate(self._active):
+            position = request.last_position
+            tokens[row], positions[row] = request.tokens[-1], position
+            starts[row] = request.start * size
+            write_at[row] = starts[row] + position
         self.step_tokens.copy_(torch.tensor(tokens))
         self.step_positions.copy_(torch.tensor(positions))
         self.step_lengths.copy_(torch.tensor(positions) + 1)
+        self.step_write_at.copy_(torch.tensor(write_at))
+        self.key_starts.copy_(torch.tensor(starts, dtype=torch.int32))

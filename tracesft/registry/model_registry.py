@@ -14,7 +14,7 @@ Safety rules, all enforced here:
   step failed and the clean-up could not reach the server either) a complete version that the
   next registration of the same adapter picks up.
 - The same adapter content (weights, config, tokenizer, prompt template) is registered once.
-- MLflow's HTTP retries are bounded while a registry call runs (see `_BOUNDED_RETRIES`); when the
+- MLflow's HTTP retries are bounded while a registry call runs (`tracking.bounded_http_retries`); when the
   server stays unreachable the caller gets a `TracesftError` that says so.
 """
 
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -37,7 +35,7 @@ from tracesft.errors import TracesftError
 from tracesft.evaluate.evaluation import EvalReport
 from tracesft.data.prompting import prompt_template
 from tracesft.registry.lock import registry_lock
-from tracesft.train.tracking import mlflow_tracking, resolve_tracking_uri
+from tracesft.train.tracking import bounded_http_retries, mlflow_failure, mlflow_tracking, resolve_tracking_uri
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -47,19 +45,6 @@ PROMPT_TEMPLATE_FILE = "prompt_template.json"
 # The tags a version needs before anyone may call it evaluated.
 EVALUATION_TAGS = ("base_f1", "finetuned_f1", "eval_set_hash")
 _METRICS = ("f1", "precision", "recall", "accuracy", "parse_failure_rate")
-# MLflow retries an unreachable server 7 times with doubling waits (minutes in all); a user
-# waiting on `tracesft adapters promote` wants an answer in seconds. Values already in the
-# environment win. MLflow reads these from the environment only (neither `MlflowClient` nor its
-# calls take them), so `_bounded_http_retries` sets them there for the registry calls alone.
-_BOUNDED_RETRIES = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
-}
-_retry_guard = threading.Lock()
-_retry_holders = 0  # registry calls running now, in any thread
-_retry_variables_added: tuple[str, ...] = ()  # what the first of them added to the environment
-
 
 class RegisteredVersion(BaseModel):
     name: str
@@ -116,42 +101,11 @@ def registry_client(settings: RegistrySettings) -> Iterator[Any]:
     from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(settings)
-    with _bounded_http_retries():
+    with bounded_http_retries():
         try:
             yield MlflowClient(tracking_uri=uri, registry_uri=uri)
         except MlflowException as err:
-            retries = os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
-            unreachable = "API request to" in str(err)
-            hint = (
-                f" after {retries} retries; check that the MLflow server at {uri} is running and reachable "
-                "(MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT tune the patience)"
-                if unreachable
-                else ""
-            )
-            raise TracesftError(f"MLflow registry at {uri} failed{hint}: {err.message}") from None
-
-
-@contextmanager
-def _bounded_http_retries() -> Iterator[None]:
-    """`_BOUNDED_RETRIES` in the environment while any registry call runs; variables the user set stay.
-
-    Registry calls may overlap (threads promoting at once), so the first one in sets the
-    variables and the last one out removes them again.
-    """
-    global _retry_holders, _retry_variables_added
-    with _retry_guard:
-        if _retry_holders == 0:
-            _retry_variables_added = tuple(name for name in _BOUNDED_RETRIES if name not in os.environ)
-            os.environ.update({name: _BOUNDED_RETRIES[name] for name in _retry_variables_added})
-        _retry_holders += 1
-    try:
-        yield
-    finally:
-        with _retry_guard:
-            _retry_holders -= 1
-            if _retry_holders == 0:
-                for name in _retry_variables_added:
-                    os.environ.pop(name, None)
+            raise mlflow_failure(uri, err) from None
 
 
 def register_adapter(

@@ -1,16 +1,26 @@
 """Using a registered adapter: load it by alias or version onto its base model, ask it
-Corr2Cause questions, or export base and adapter merged into one model for serving.
+Corr2Cause questions, or export it for serving.
 
 The adapter's directory in the registry says which base model it adapts and with which recipe
 (`tracesft_adapter.json`), and carries the tokenizer files with the chat template, so
 `load_registered_adapter("models:/<name>@champion")` needs nothing else; `base_model` overrides
 the recorded base when it lives elsewhere on this machine (a local copy, another mount).
+
+The default export is what was evaluated: the adapter's files and the exact base it adapts (hub
+id and revision, or local folder and its fingerprint) and how evaluation loaded that base, for a
+server that applies LoRA itself. A merged export is a different function (every merged weight
+rounded once more), so it is measured against the evaluated one first
+(`tracesft.registry.merge_deviation`), the figure is tagged on the model version, and it is
+refused above `registry.max_merged_logit_deviation`. Downloads go to temporary folders that are
+removed when the command ends.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +33,18 @@ from tracesft.config import Device, EvalSettings, RegistrySettings, TrainingReci
 from tracesft.errors import TracesftError
 from tracesft.generate.batching import engine_decoder, generate_all, hf_decoder
 from tracesft.generate.engine import supports
-from tracesft.generate.inference import for_decoding
-from tracesft.train.modeling import load_base_model, load_tokenizer
+from tracesft.generate.inference import for_decoding, model_identity
+from tracesft.train.modeling import load_base_model, load_tokenizer, quantization_config
 from tracesft.data.prompting import build_prompt
+from tracesft.registry.merge_deviation import evaluated_logits, fixed_queries, prompt_logits, relative_deviation
 from tracesft.registry.model_registry import CHAMPION, registry_client
+from tracesft.train.tracking import existing_tracking_uri
 from tracesft.user_paths import require_new_folder
 
 _MODELS_SCHEME = "models:/"
 MERGED_INFO_FILE = "tracesft_merged.json"
+EXPORT_INFO_FILE = "tracesft_export.json"
+DEVIATION_TAG = "merged_logit_deviation"  # + ".<dtype>.<device>" on the model version
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -83,17 +97,18 @@ def parse_model_uri(name_or_uri: str, alias: str | None = None, version: str | N
 
 def download_registered_adapter(
     name_or_uri: str,
+    dst: Path,
     alias: str | None = None,
     version: str | None = None,
     settings: RegistrySettings | None = None,
-    dst: Path | None = None,
 ) -> tuple[LoraAdapter, str]:
-    """The registered adapter's files in a local directory, and the version they came from."""
+    """The registered adapter's files, downloaded into `dst`, and the version they came from."""
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
     name, alias, version = parse_model_uri(name_or_uri, alias, version)
     settings = (settings or load_run_config().registry).model_copy(update={"model_name": name})
+    existing_tracking_uri(settings)  # reading a registry that is not there creates none
     with registry_client(settings) as client:
         try:
             found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
@@ -102,7 +117,6 @@ def download_registered_adapter(
                 what = f"alias {alias!r}" if alias else f"version {version!r}"
                 raise TracesftError(f"{name} has no {what}; see `tracesft adapters list`.") from None
             raise
-        dst = Path(dst or tempfile.mkdtemp(prefix="tracesft-adapter-"))
         local = download_artifacts(artifact_uri=found.source, dst_path=str(dst), tracking_uri=client.tracking_uri)
     return LoraAdapter(Path(local)), str(found.version)
 
@@ -120,14 +134,16 @@ def load_registered_adapter(
 
     The base is loaded and put in its decoding form as evaluation does it on `device` (4-bit NF4
     on cuda when the recipe asks for it, then `for_decoding`), and answers go through the same
-    engine, so on the device the promoting evaluation ran on, it answers as measured.
+    engine, so on the device the promoting evaluation ran on, it answers as measured. The
+    downloaded files are removed once the weights are in memory.
     """
     from peft import PeftModel
 
-    adapter, number = download_registered_adapter(name_or_uri, alias, version, settings)
-    base, revision, recipe = _base_of(adapter, base_model)
-    tokenizer = _tokenizer_of(adapter, base, revision)
-    model = PeftModel.from_pretrained(load_base_model(base, recipe, device, revision), str(adapter.path))
+    with tempfile.TemporaryDirectory(prefix="tracesft-adapter-") as scratch:
+        adapter, number = download_registered_adapter(name_or_uri, Path(scratch), alias, version, settings)
+        base, revision, recipe = _base_of(adapter, base_model)
+        tokenizer = _tokenizer_of(adapter, base, revision)
+        model = PeftModel.from_pretrained(load_base_model(base, recipe, device, revision), str(adapter.path))
     model = for_decoding(model, EvalSettings()).eval()
     name = parse_model_uri(name_or_uri, alias, version)[0]
     return LoadedAdapter(model=model, tokenizer=tokenizer, name=name, version=number, base_model=base)
@@ -153,6 +169,26 @@ def merge_adapter(
     return merged.to(dtype), _tokenizer_of(adapter, base, revision)
 
 
+def measured_merge(
+    adapter: LoraAdapter, device: Device, base_model: str | None = None, dtype: torch.dtype = torch.bfloat16
+) -> tuple[Any, Any, float]:
+    """`merge_adapter`, and the merged model's deviation from the evaluated function on the fixed
+    prompts (`tracesft.registry.merge_deviation`). The evaluated model is loaded, measured and
+    freed first, so the two never share the GPU."""
+    base, revision, recipe = _base_of(adapter, base_model)
+    tokenizer = _tokenizer_of(adapter, base, revision)
+    queries = fixed_queries()
+    reference = evaluated_logits(adapter, base, revision, recipe, device, tokenizer, queries)
+    merged, tokenizer = merge_adapter(adapter, device, base_model, dtype)
+    return merged, tokenizer, relative_deviation(reference, prompt_logits(merged, tokenizer, queries))
+
+
+def merged_deviation(adapter: LoraAdapter, device: Device, base_model: str | None = None,
+                     dtype: torch.dtype = torch.bfloat16) -> float:
+    """The deviation alone (`benchmarks/merged_export_deviation.py` runs it on the 32B)."""
+    return measured_merge(adapter, device, base_model, dtype)[2]
+
+
 def export_merged(
     adapter: LoraAdapter,
     out_dir: Path,
@@ -160,13 +196,24 @@ def export_merged(
     base_model: str | None = None,
     dtype: str = "bfloat16",
     source: str = "",
-) -> Path:
-    """Write the merged model (safetensors), its tokenizer and provenance to `out_dir`."""
+    max_deviation: float | None = None,
+    record: Callable[[float], None] = lambda deviation: None,
+) -> tuple[Path, float]:
+    """Write the merged model (safetensors), its tokenizer and provenance to `out_dir`; returns it
+    and its measured deviation, which `record` receives before a deviation above `max_deviation`
+    is refused (nothing is written then)."""
     if dtype not in DTYPES:
         raise TracesftError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     out_dir = Path(out_dir)
     require_new_folder(out_dir, "merged model")
-    model, tokenizer = merge_adapter(adapter, device, base_model, DTYPES[dtype])
+    model, tokenizer, deviation = measured_merge(adapter, device, base_model, DTYPES[dtype])
+    record(deviation)
+    if max_deviation is not None and deviation > max_deviation:
+        raise TracesftError(
+            f"{source or adapter.path}: merged in {dtype}, the model's logits move by {deviation:.4f} (relative, on "
+            f"{len(fixed_queries())} fixed prompts) from the evaluated adapter, above registry.max_merged_logit_deviation "
+            f"{max_deviation}; export the adapter with its base (without --merged), merge in --dtype float32, or raise the bound."
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -177,26 +224,74 @@ def export_merged(
         "base_model_revision": metadata.get("base_model_revision"),
         "traces_content_hash": metadata.get("traces_content_hash"),
         "dtype": dtype,
+        "device": device,
+        "max_logit_deviation": deviation,
     }
     (out_dir / MERGED_INFO_FILE).write_text(json.dumps(info, indent=2))
+    return out_dir, deviation
+
+
+def export_adapter(adapter: LoraAdapter, out_dir: Path, source: str = "") -> Path:
+    """Write the adapter's files and the exact base it was evaluated on (`EXPORT_INFO_FILE`) to `out_dir`."""
+    out_dir = Path(out_dir)
+    require_new_folder(out_dir, "adapter export")
+    base, revision, recipe = _base_of(adapter, None)
+    device = adapter.metadata.get("device", "unknown")  # adapters trained before the device was recorded
+    quantization = quantization_config(recipe, device)
+    shutil.copytree(adapter.path, out_dir, dirs_exist_ok=True)
+    info = {
+        "exported_from": source,
+        "base_model": base,
+        "base_model_revision": revision,
+        "base_identity": model_identity(base, revision),  # a local folder: the fingerprint of its files
+        "base_loaded_as": {
+            "device": device,
+            "quantization": None if quantization is None else {
+                "load_in_4bit": True, "bnb_4bit_quant_type": recipe.bnb_4bit_quant_type,
+                "bnb_4bit_use_double_quant": recipe.use_double_quant, "bnb_4bit_compute_dtype": "bfloat16",
+            },
+            "lora": "unmerged",
+        },
+    }
+    (out_dir / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2))
     return out_dir
 
 
-def export_registered_merged(
+def export_registered(
     settings: RegistrySettings,
     version_or_alias: str,
     out_dir: Path,
     device: Device,
+    merged: bool = False,
     base_model: str | None = None,
     dtype: str = "bfloat16",
-) -> Path:
-    """`tracesft adapters export`: a registered version (a number or an alias) merged into `out_dir`."""
-    require_new_folder(Path(out_dir), "merged model")  # before the download, not only before the merge
+) -> dict[str, Any]:
+    """`tracesft adapters export`: a registered version (a number or an alias) exported into
+    `out_dir`, by default as adapter + base, with `merged` as one merged model; returns what the
+    command reports."""
+    out_dir = Path(out_dir)
+    require_new_folder(out_dir, "merged model" if merged else "adapter export")  # before the download
+    if base_model is not None and not merged:
+        raise TracesftError("--base-model applies to --merged only: the adapter export names the base it was evaluated on.")
     is_number = version_or_alias.isdigit()
     alias, version = (None, version_or_alias) if is_number else (version_or_alias, None)
+    name = settings.model_name
     with tempfile.TemporaryDirectory(prefix="tracesft-export-") as scratch:
-        adapter, number = download_registered_adapter(settings.model_name, alias, version, settings, Path(scratch))
-        return export_merged(adapter, out_dir, device, base_model, dtype, source=f"models:/{settings.model_name}/{number}")
+        adapter, number = download_registered_adapter(name, Path(scratch), alias, version, settings)
+        source = f"models:/{name}/{number}"
+        report: dict[str, Any] = {"name": name, "version": number}
+        if not merged:
+            export_adapter(adapter, out_dir, source)
+            return report | {"adapter": str(out_dir), "base_model": adapter.metadata.get("base_model"),
+                             "base_model_revision": adapter.metadata.get("base_model_revision")}
+
+        def record(deviation: float) -> None:
+            with registry_client(settings) as client:
+                client.set_model_version_tag(name, number, f"{DEVIATION_TAG}.{dtype}.{device}", f"{deviation:.6g}")
+
+        _, deviation = export_merged(adapter, out_dir, device, base_model, dtype, source,
+                                     settings.max_merged_logit_deviation, record)
+        return report | {"merged": str(out_dir), "dtype": dtype, "max_logit_deviation": deviation}
 
 
 def _base_of(adapter: LoraAdapter, override: str | None) -> tuple[str, str | None, TrainingRecipe]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from tracesft.config import GrpoSettings
-from tracesft.generate.batching import slots_that_fit, stop_tokens
+from tracesft.generate.batching import plan_cache, stop_tokens
 from tracesft.generate.engine import Engine, Sampling
 
 
@@ -37,8 +37,9 @@ def engine_rollout(tokenizer: Any, settings: GrpoSettings) -> Any:
         ]
         policy = trainer.model
         decoder = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        limits = [settings.max_completion_length] * len(prompt_ids)
         max_len = max(len(ids) for ids in prompt_ids) + settings.max_completion_length
-        slots = min(len(prompt_ids), slots_that_fit(decoder, max_len))
+        plan = plan_cache(decoder, prompt_ids, limits, concurrency=len(prompt_ids))  # evaluation's rule for the KV pool
         generator = torch.Generator(device=decoder.device).manual_seed(settings.seed + trainer.state.global_step)
         completions: list[list[int]] = [[] for _ in prompt_ids]
 
@@ -48,8 +49,8 @@ def engine_rollout(tokenizer: Any, settings: GrpoSettings) -> Any:
         was_training = policy.training
         policy.eval()
         try:
-            Engine(decoder, slots, max_len).run(
-                prompt_ids, settings.max_completion_length, finished,
+            Engine(decoder, plan.rows, max_len, blocks=plan.blocks).run(
+                prompt_ids, limits, finished,
                 stop_tokens=stop_tokens(decoder, tokenizer),
                 sampling=Sampling(settings.temperature, settings.top_p, generator),
             )

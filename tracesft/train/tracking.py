@@ -1,41 +1,117 @@
-"""Where MLflow lives for this run, and training metrics flowing into it.
+"""Where MLflow lives for this run, how long a call to it may wait, and training metrics flowing into it.
 
 One rule everywhere (pipeline and CLI alike): `MLFLOW_TRACKING_URI` wins, then the run
-configuration's `registry.tracking_uri`, then a sqlite file in the local state folder. A relative
-sqlite path is made absolute against the working directory, so every process started from the
-repo root sees the same registry.
+configuration's `registry.tracking_uri`, then `mlflow.db` in the workspace's `.tracesft/`
+(`tracesft.workspace`). A relative sqlite path is read against the workspace, so every command,
+from any working directory, sees the same registry; a command that only reads refuses a local
+store that does not exist (`existing_tracking_uri`) instead of letting MLflow create an empty one.
 
 MLflow's run API (`mlflow.start_run`, `mlflow.log_*`, and with it the Trainer callback below)
 finds its store through one process-wide setting. `mlflow_tracking` sets it for a block only, so
 one step's store never leaks into the next; code that needs no active run takes an explicit
 `MlflowClient(uri)` instead.
+
+Every MLflow call tracesft makes, in a pipeline step or a command, runs with bounded HTTP
+retries (`bounded_http_retries`), and a failure reaches the user as one line naming the server
+(`mlflow_failure`): MLflow's own default retries an unreachable server for minutes.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tracesft.config import Device, RegistrySettings
+from tracesft.errors import TracesftError
+from tracesft.workspace import state_dir, workspace_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-STATE_DIR = Path(".tracesft")
 _SQLITE = "sqlite:///"
+_FILE = "file://"
 _TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
+# MLflow retries an unreachable server 7 times with doubling waits (minutes in all, ~8 in a
+# training step); a user waiting on `tracesft adapters promote`, or a pipeline step whose server
+# went away, wants an answer in seconds. Values already in the environment win. MLflow reads these
+# from the environment only (neither `MlflowClient` nor its calls take them), so
+# `bounded_http_retries` sets them there while tracesft's MLflow calls run.
+BOUNDED_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+_retry_guard = threading.Lock()
+_retry_holders = 0  # MLflow blocks running now, in any thread
+_retry_variables_added: tuple[str, ...] = ()  # what the first of them added to the environment
 
 
 def resolve_tracking_uri(settings: RegistrySettings) -> str:
-    uri = os.environ.get(_TRACKING_URI_VARIABLE) or settings.tracking_uri or f"{_SQLITE}{STATE_DIR / 'mlflow.db'}"
+    uri = os.environ.get(_TRACKING_URI_VARIABLE) or settings.tracking_uri or f"{_SQLITE}{state_dir() / 'mlflow.db'}"
     if uri.startswith(_SQLITE):
-        path = Path(uri[len(_SQLITE) :])
-        if not path.is_absolute():
-            uri = f"{_SQLITE}{path.resolve()}"
+        uri = f"{_SQLITE}{workspace_path(uri[len(_SQLITE) :])}"
     return uri
+
+
+def existing_tracking_uri(settings: RegistrySettings) -> str:
+    """`resolve_tracking_uri`, refused when it names a local store that does not exist.
+
+    For commands that only read the registry: MLflow would create an empty sqlite database (or
+    file store) wherever a mistyped URI points and answer "no versions", which reads like
+    "nothing registered yet" rather than "wrong place".
+    """
+    uri = resolve_tracking_uri(settings)
+    prefix = next((prefix for prefix in (_SQLITE, _FILE) if uri.startswith(prefix)), None)
+    if prefix is not None and not Path(uri[len(prefix) :]).exists():
+        source = ("MLFLOW_TRACKING_URI" if os.environ.get(_TRACKING_URI_VARIABLE)
+                  else "registry.tracking_uri" if settings.tracking_uri else "the default registry")
+        raise TracesftError(
+            f"{uri} ({source}): no MLflow registry there; check the path (relative ones are read against "
+            f"{state_dir().parent}), or run the pipeline first (make demo, tracesft run) to create it."
+        )
+    return uri
+
+
+@contextmanager
+def bounded_http_retries() -> Iterator[None]:
+    """`BOUNDED_RETRIES` in the environment while any MLflow block runs; variables the user set stay.
+
+    MLflow blocks may overlap (threads promoting at once, a registry call around a tracking
+    block), so the first one in sets the variables and the last one out removes them again.
+    Subprocesses started inside (the training workers) inherit them.
+    """
+    global _retry_holders, _retry_variables_added
+    with _retry_guard:
+        if _retry_holders == 0:
+            _retry_variables_added = tuple(name for name in BOUNDED_RETRIES if name not in os.environ)
+            os.environ.update({name: BOUNDED_RETRIES[name] for name in _retry_variables_added})
+        _retry_holders += 1
+    try:
+        yield
+    finally:
+        with _retry_guard:
+            _retry_holders -= 1
+            if _retry_holders == 0:
+                for name in _retry_variables_added:
+                    os.environ.pop(name, None)
+
+
+def mlflow_failure(uri: str, err: Any) -> TracesftError:
+    """One line for an `MlflowException`: which server, and for an unreachable one what to check."""
+    message = str(getattr(err, "message", err)).strip().splitlines()[0]
+    unreachable = "API request to" in message
+    hint = (
+        f" after {os.environ.get('MLFLOW_HTTP_REQUEST_MAX_RETRIES', BOUNDED_RETRIES['MLFLOW_HTTP_REQUEST_MAX_RETRIES'])} "
+        f"retries; check that the MLflow server at {uri} is running and reachable (MLFLOW_HTTP_REQUEST_MAX_RETRIES and "
+        "MLFLOW_HTTP_REQUEST_TIMEOUT tune the patience)"
+        if unreachable
+        else ""
+    )
+    return TracesftError(f"MLflow at {uri} failed{hint}: {message}")
 
 
 @contextmanager
@@ -48,10 +124,14 @@ def mlflow_tracking(settings: RegistrySettings) -> Iterator[str]:
     threads track into different stores at once.
 
     With a sqlite store the artifacts sit beside the database file instead of in an `mlruns/` of
-    whatever directory the process happens to start in.
+    whatever directory the process happens to start in. MLflow calls inside the block have
+    bounded retries, and one that still fails leaves it as one `TracesftError` line; an
+    `mlflow.start_run` inside has already ended its run as FAILED on the way out, if the server
+    still answered.
     """
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import is_tracking_uri_set
 
     uri = resolve_tracking_uri(settings)
@@ -60,7 +140,10 @@ def mlflow_tracking(settings: RegistrySettings) -> Iterator[str]:
     set_in_code = is_tracking_uri_set() and previous != users_variable
     _point_mlflow_at(uri, users_variable)
     try:
-        yield _experiment_id(MlflowClient(tracking_uri=uri), settings.experiment_name, uri)
+        with bounded_http_retries():
+            yield _experiment_id(MlflowClient(tracking_uri=uri), settings.experiment_name, uri)
+    except MlflowException as err:
+        raise mlflow_failure(uri, err) from None
     finally:
         _point_mlflow_at(previous if set_in_code else None, users_variable)
 
