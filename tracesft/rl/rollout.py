@@ -17,6 +17,7 @@ vLLM's numerically different policy) has nothing to correct.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import torch
@@ -48,14 +49,18 @@ def engine_rollout(tokenizer: Any, settings: GrpoSettings) -> Any:
 
         was_training = policy.training
         policy.eval()
+        engine = Engine(decoder, plan.rows, max_len, blocks=plan.blocks)
         try:
-            Engine(decoder, plan.rows, max_len, blocks=plan.blocks).run(
-                prompt_ids, limits, finished,
-                stop_tokens=stop_tokens(decoder, tokenizer),
-                sampling=Sampling(settings.temperature, settings.top_p, generator),
-            )
+            engine.run(prompt_ids, limits, finished, stop_tokens=stop_tokens(decoder, tokenizer),
+                       sampling=Sampling(settings.temperature, settings.top_p, generator))
         finally:
             policy.train(was_training)
+            # The KV pool is sized to the free GPU memory and the decode graphs keep a memory pool
+            # of their own: hand both to the update phase now, not when the collector finds them.
+            del engine
+            if decoder.device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
         return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": None}
 
     return rollout
