@@ -16,27 +16,44 @@ INGESTION_FIGURES = (
 )
 
 
+# What the `train_grpo_adapter` step logs that the summary shows: how far the reward moved.
+GRPO_FIGURES = ("steps", "problems", "generation", "first_reward", "last_reward")
+
+
 def run_pipeline(config_path: Path) -> Any:
     """Run `sft_pipeline` with a run configuration file; returns ZenML's pipeline run."""
-    from zenml import Model
-    from zenml.enums import ExecutionMode
-
     from pipelines.sft_pipeline import sft_pipeline
     from tracesft.config import load_run_config
+
+    return _run(sft_pipeline, config_path, load_run_config(config_path).registry.model_name)
+
+
+def run_grpo_pipeline(config_path: Path) -> Any:
+    """Run `grpo_pipeline` with a GRPO run configuration file; returns ZenML's pipeline run."""
+    from pipelines.grpo_pipeline import grpo_pipeline
+    from tracesft.config import load_grpo_config
+
+    return _run(grpo_pipeline, config_path, load_grpo_config(config_path).registry.model_name)
+
+
+def _run(pipeline: Any, config_path: Path, model_name: str) -> Any:
+    from zenml import Model
+    from zenml.enums import ExecutionMode
 
     # Steps are resolved by module path relative to the source root; pin it to the repo so that
     # a console script (whose main module lives in the venv) resolves them the same way.
     source_utils.set_custom_source_root(str(REPO_ROOT))
-    model = Model(name=load_run_config(config_path).registry.model_name)
     # Fail fast: the local orchestrator then re-raises the failing step's own exception, so a
     # `TracesftError` (the quality gate's refusal, say) reaches the command line as its message
     # rather than as "Pipeline run has failed due to failure in step(s): ...".
-    return sft_pipeline.with_options(config_path=str(config_path), model=model, execution_mode=ExecutionMode.FAIL_FAST)()
+    return pipeline.with_options(
+        config_path=str(config_path), model=Model(name=model_name), execution_mode=ExecutionMode.FAIL_FAST
+    )()
 
 
 def run_summary(run: Any) -> dict[str, Any]:
-    """Step statuses, what ingestion read, skipped and left unread, the SFT split's sizes, the
-    registered version and the promotion decision of a finished run.
+    """Step statuses, what ingestion read, skipped and left unread, the SFT split's sizes (a GRPO
+    run: its steps and reward), the registered version and the promotion decision of a finished run.
 
     The data figures come from the steps' metadata, which a cached step shares with the run that
     computed it, so a fully cached run still says what its training data left out.
@@ -51,6 +68,9 @@ def run_summary(run: Any) -> dict[str, Any]:
         summary["ingestion"] = {key: ingest.run_metadata[key] for key in INGESTION_FIGURES if key in ingest.run_metadata}
     if dataset is not None and "train" in dataset.run_metadata:
         summary["sft_dataset"] = {split: dataset.run_metadata[split] for split in ("train", "validation")}
+    grpo = run.steps.get("train_grpo_adapter")
+    if grpo is not None and "steps" in grpo.run_metadata:
+        summary["grpo"] = {key: grpo.run_metadata.get(key) for key in GRPO_FIGURES}
     register, promote = run.steps.get("register_adapter"), run.steps.get("promote_adapter")
     if register is not None and promote is not None:
         summary["registered"] = register.outputs["registered_version"][0].load().model_dump()

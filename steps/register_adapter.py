@@ -27,7 +27,7 @@ def register_adapter(
         "traces_content_hash": metadata["traces_content_hash"],
         "train_examples": str(metadata["training"]["train_examples"]),
         "eval_set_hash": eval_set_hash,
-    }
+    } | metadata.get("lineage", {})  # what a stage adds: GRPO's stage, parent_version, reward
     metrics = eval_metrics(base_report, tuned_report)
     version = register(adapter, metrics, lineage, registry)
     registered = {"mlflow_model": version.name, "mlflow_version": version.version, "mlflow_run_id": version.run_id,

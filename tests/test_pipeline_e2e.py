@@ -5,7 +5,8 @@ of its own.
 Three runs, each a module fixture built on the one before: the first trains and registers version 1
 (alias challenger); the second, with the same inputs, is served entirely from the cache and
 registers nothing; after a new trace file lands in a subfolder, ingestion and everything downstream
-rerun and version 2 is registered. Each keeps what it printed and the registry as seen right after
+rerun and version 2 is registered. A fourth, `tracesft grpo`, continues version 2 with GRPO and
+registers its child, version 3. Each keeps what it printed and the registry as seen right after
 it, so every test holds whatever other tests ran. The traces folder is laid out as users leave one
 (`on_bad_record: skip`): a result file in a subfolder with an upper-case extension and a broken
 line, a README, a notebook checkpoint folder and a dangling link; both summaries, JSON and text,
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tracesft.config import embedded_config_path, load_run_config
+from tracesft.config import embedded_config_path, embedded_grpo_config_path, load_grpo_config, load_run_config
 from tracesft.registry.model_registry import list_versions
 from tracesft.workspace import prepare_demo_workspace
 
@@ -143,6 +144,25 @@ def new_trace_file_run(workspace, unchanged_run) -> Run:
     return _retrain(config)
 
 
+@pytest.fixture(scope="module")
+def grpo_run(workspace, new_trace_file_run) -> Run:
+    """`tracesft grpo` on the embedded GRPO configuration, pointed at this workspace: it continues
+    the challenger (version 2) and registers its child."""
+    root, config = workspace
+    document = yaml.safe_load(embedded_grpo_config_path().read_text())
+    parameters = document["parameters"]
+    parameters["eval_set"] = load_run_config(config).eval_set
+    parameters["registry"] |= {"tracking_uri": "sqlite:///never-used.db", "model_name": MODEL_NAME}
+    parameters["evaluation"]["cache_dir"] = str(root / "eval-cache")  # the SFT runs' base outputs are reused
+    grpo_config = root / "grpo.yaml"
+    grpo_config.write_text(yaml.safe_dump(document))
+    command = [str(Path(sys.executable).parent / "tracesft"), "grpo", "--config", str(grpo_config), "--json"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout[done.stdout.rindex('{\n  "run"'):])
+    return Run(summary, done.stdout + done.stderr, list_versions(load_run_config(config).registry), None)
+
+
 def _retrain(config: Path, as_json: bool = True) -> Run:
     """`tracesft retrain --traces <the workspace's traces> --config FILE [--json]` in a process of its own."""
     command = [str(Path(sys.executable).parent / "tracesft"), "retrain", "--traces", str(_traces(config)), "--config", str(config)]
@@ -244,7 +264,33 @@ def test_a_new_trace_file_in_a_subfolder_reruns_from_ingest(new_trace_file_run):
     assert versions[0]["tags"]["traces_content_hash"] != versions[1]["tags"]["traces_content_hash"]
 
 
-def test_planted_secrets_reach_no_log_parameter_artifact_or_store(workspace, tracking_uri, first_run, unchanged_run, new_trace_file_run):
+def test_grpo_registers_a_child_of_the_challenger_with_lineage_and_per_step_metrics(workspace, tracking_uri, grpo_run):
+    """The GRPO pipeline after the SFT runs: version 3, stage grpo, parent version 2, scored on its
+    parent's eval problems, the gate's decision made, and TRL's per-step figures in its MLflow run."""
+    from mlflow import MlflowClient
+
+    summary = grpo_run.summary
+    assert summary["status"] == "completed" and summary["registered"]["version"] == "3"
+    settings = load_grpo_config(workspace[0] / "grpo.yaml")
+    assert summary["grpo"]["steps"] == settings.grpo.max_steps and summary["grpo"]["generation"] == "engine"
+    child, parent = grpo_run.versions[0], grpo_run.versions[1]
+    assert child["version"] == "3" and "challenger" in child["aliases"] and parent["version"] == "2"
+    tags = child["tags"]
+    assert tags["stage"] == "grpo" and tags["parent_version"] == "2" and tags["zenml_pipeline"] == "grpo_pipeline"
+    assert json.loads(tags["reward"]) == settings.reward.model_dump()
+    for inherited in ("base_model", "eval_set_hash", "traces_content_hash"):
+        assert tags[inherited] == parent["tags"][inherited]
+    assert child["metrics"]["eval_problems"] == parent["metrics"]["eval_problems"]  # the parent's own eval problems
+    assert summary["promotion"]["reason"]
+
+    client = MlflowClient(tracking_uri)
+    for metric in ("reward", "rewards/correctness/mean", "rewards/closed_think/mean", "rewards/one_answer/mean",
+                   "completions/mean_length", "kl"):
+        steps = [m.step for m in client.get_metric_history(child["run_id"], metric)]
+        assert steps == list(range(1, settings.grpo.max_steps + 1)), metric
+
+
+def test_planted_secrets_reach_no_log_parameter_artifact_or_store(workspace, tracking_uri, first_run, unchanged_run, new_trace_file_run, grpo_run):
     """After the three runs: no planted value in what they printed, in MLflow's parameters and
     tags, or anywhere on disk under the MLflow database and artifacts or the ZenML store
     (which holds step logs, artifacts and run metadata)."""
@@ -252,7 +298,7 @@ def test_planted_secrets_reach_no_log_parameter_artifact_or_store(workspace, tra
 
     root, _ = workspace
     secrets = [*PLANTED.values(), ZENML_SECRET_VALUE]
-    printed = "\n".join(run.printed for run in (first_run, unchanged_run, new_trace_file_run))
+    printed = "\n".join(run.printed for run in (first_run, unchanged_run, new_trace_file_run, grpo_run))
     assert printed and not [s for s in secrets if s in printed]
 
     client = MlflowClient(tracking_uri)

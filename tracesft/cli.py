@@ -21,6 +21,8 @@ from tracesft.config import (
     RegistrySettings,
     TrainingRecipe,
     embedded_config_path,
+    embedded_grpo_config_path,
+    load_grpo_config,
     load_run_config,
     with_traces,
     with_training_overrides,
@@ -73,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     retrain.add_argument("--traces", type=Path, required=True, help="folder of GPT result files (overrides the configured traces)")
     retrain.add_argument("--config", type=Path, default=None, help="run configuration (default: the embedded one)")
     retrain.add_argument("--json", action="store_true", help="print the run summary as JSON")
+
+    grpo = command(
+        "grpo",
+        _grpo,
+        "Continue a registered adapter (default: champion) with GRPO on fresh problems, the solver verifying "
+        "the reward; register the result as its child and let the gate decide.",
+    )
+    grpo.add_argument("--config", type=Path, default=None, help="GRPO run configuration (default: the embedded one)")
+    grpo.add_argument("--json", action="store_true", help="print the run summary as JSON")
 
     tiny = command("tiny-model", _tiny_model, "Build the tiny random-weight Qwen2 model and tokenizer into DIR (new or empty).")
     tiny.add_argument("dir", type=Path)
@@ -161,6 +172,25 @@ def _registry_of(args: argparse.Namespace) -> RegistrySettings:
     settings = load_run_config(args.config).registry
     existing_tracking_uri(settings)
     return settings
+
+
+def _grpo(args: argparse.Namespace) -> int:
+    from pipelines.run import run_grpo_pipeline, run_summary
+
+    if args.config is None:
+        _use_state_of(None)  # the demo's workspace, registry and ZenML store
+    config = args.config or embedded_grpo_config_path()
+    require_device(load_grpo_config(config).device, str(config))  # fail fast, before ZenML starts
+    summary = run_summary(run_grpo_pipeline(config))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    grpo, registered, decision = summary.get("grpo", {}), summary["registered"], summary["promotion"]
+    print(f"\nRun {summary['run']}: {summary['status']}; GRPO {grpo.get('steps')} steps on {grpo.get('problems')} "
+          f"problems, mean reward {grpo.get('first_reward', 0):.3f} at the first step, {grpo.get('last_reward', 0):.3f} at the last.")
+    print(f"Registered {registered['name']} version {registered['version']} (alias challenger, stage grpo).")
+    print(f"Promotion gate: {'PROMOTED to champion' if decision['promoted'] else 'not promoted'}: {decision['reason']}.")
+    return 0
 
 
 def _metavar(annotation: object) -> str:

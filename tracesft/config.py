@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tracesft.data.corr2cause import TEMPLATES
 from tracesft.errors import TracesftError
 from tracesft.workspace import ModelSource, WorkspacePath
 
@@ -223,6 +224,94 @@ class RunConfig(_Settings):
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
 
+class ProblemSettings(_Settings):
+    """Fresh problems for GRPO (`tracesft.rl.problems`): drawn by the project's generator, never an eval problem.
+
+    `templates` and the variable range pick a problem family; `positive_share` the share of problems
+    whose hypothesis holds (None: as drawn, about 6%: a policy answering "No" would then win most rewards).
+    """
+
+    count: int = Field(512, gt=0)
+    seed: int = 0
+    min_variables: int = Field(2, ge=2, le=6)
+    max_variables: int = Field(6, ge=2, le=6)
+    positive_share: float | None = Field(0.5, ge=0.0, le=1.0)
+    templates: list[str] | None = None  # None: all six relation templates
+
+    @model_validator(mode="after")
+    def _a_family_that_exists(self) -> "ProblemSettings":
+        if self.min_variables > self.max_variables:
+            raise ValueError("min_variables must not exceed max_variables")
+        if self.max_variables == 2 and self.positive_share:
+            # The generator would draw forever: over two variables the equivalence class never fixes a direction.
+            raise ValueError("no hypothesis over two variables ever holds: set positive_share to 0 or max_variables above 2")
+        unknown = sorted(set(self.templates or ()) - set(TEMPLATES))
+        if unknown or self.templates == []:
+            raise ValueError(f"templates must be a non-empty list of {', '.join(TEMPLATES)}; got {unknown or '[]'}")
+        return self
+
+
+class RewardSettings(_Settings):
+    """Weights of the GRPO reward's parts (`tracesft.rl.reward`); the reward is their weighted sum.
+
+    Correctness is what the model is for; the format terms are small, so a well-formatted wrong
+    answer never outscores a right one.
+    """
+
+    correctness: float = Field(1.0, ge=0.0)  # the extracted answer is the solver's label; no answer: 0
+    closed_think: float = Field(0.1, ge=0.0)  # the reasoning ends with exactly one </think>
+    one_answer: float = Field(0.1, ge=0.0)  # exactly one `Answer: Yes|No` line after it
+
+
+class GrpoSettings(_Settings):
+    """How TRL's `GRPOTrainer` continues the parent's LoRA (`tracesft.rl.grpo`).
+
+    An optimizer step sees `per_device_train_batch_size x gradient_accumulation_steps` completions:
+    that many divided by `num_generations` problems, each answered `num_generations` times, all
+    generated at once. Quantisation, optimizer and gradient checkpointing follow the parent's recipe.
+    """
+
+    learning_rate: float = Field(5e-6, gt=0.0)
+    lr_scheduler_type: str = "constant"
+    max_steps: int = Field(200, gt=0)
+    num_generations: int = Field(8, ge=2)  # answers per problem: the group whose mean is the baseline
+    per_device_train_batch_size: int = Field(8, gt=0)  # completions per forward
+    gradient_accumulation_steps: int = Field(8, gt=0)
+    max_completion_length: int = Field(2048, gt=0)  # as evaluation's max_new_tokens: an answer must fit there
+    temperature: float = Field(0.6, gt=0.0)  # DeepSeek's recommendation for R1 models
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    beta: float = Field(0.0, ge=0.0)  # KL to the parent adapter; 0 (TRL's default): off, no reference forward
+    # engine: the project's continuous-batching engine through TRL's `rollout_func`; trl: TRL's own
+    # transformers `generate` (static batches)
+    generation: Literal["engine", "trl"] = "engine"
+    logging_steps: int = Field(1, gt=0)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> "GrpoSettings":
+        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if completions % self.num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size x gradient_accumulation_steps ({completions}) must be a multiple of "
+                f"num_generations ({self.num_generations}): each problem's answers form one group"
+            )
+        return self
+
+
+class GrpoRunConfig(_Settings):
+    """Everything one GRPO pipeline run needs; mirrors `pipelines.grpo_pipeline`'s parameters one to one."""
+
+    parent: str = "champion"  # the registered adapter to continue: an alias or a version number
+    eval_set: WorkspacePath  # the Corr2Cause CSV the parent was scored on; GRPO problems are held apart from it
+    device: Device = "cuda"
+    base_model: ModelSource | None = None  # where the parent's base lives on this machine; None: as the parent records
+    problems: ProblemSettings = Field(default_factory=ProblemSettings)
+    reward: RewardSettings = Field(default_factory=RewardSettings)
+    grpo: GrpoSettings = Field(default_factory=GrpoSettings)
+    evaluation: EvalSettings = Field(default_factory=EvalSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+
+
 def with_training_overrides(path: str | Path | None, overrides: dict[str, str], out_dir: Path) -> Path:
     """A copy of run configuration `path` with `parameters.training` fields replaced; returns its path.
 
@@ -265,7 +354,20 @@ def embedded_config_path() -> Path:
 
 def load_run_config(path: str | Path | None = None) -> RunConfig:
     """Read the `parameters:` section of a ZenML run configuration file into a `RunConfig`."""
-    path = Path(path) if path is not None else embedded_config_path()
+    return _load_parameters(Path(path) if path is not None else embedded_config_path(), RunConfig)
+
+
+def embedded_grpo_config_path() -> Path:
+    """The GRPO configuration `tracesft grpo` uses without `--config`: the demo's registry and tiny model."""
+    return Path(str(resources.files("tracesft") / "configs" / "grpo-demo.yaml"))
+
+
+def load_grpo_config(path: str | Path | None = None) -> GrpoRunConfig:
+    """Read the `parameters:` section of a GRPO run configuration file into a `GrpoRunConfig`."""
+    return _load_parameters(Path(path) if path is not None else embedded_grpo_config_path(), GrpoRunConfig)
+
+
+def _load_parameters(path: Path, model: type[_Settings]) -> Any:
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -280,7 +382,7 @@ def load_run_config(path: str | Path | None = None) -> RunConfig:
             "(see tracesft/configs/demo.yaml for an example)."
         )
     try:
-        return RunConfig.model_validate(document["parameters"])
+        return model.model_validate(document["parameters"])
     except ValidationError as err:
         problems = "; ".join(
             f"parameters.{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in err.errors()

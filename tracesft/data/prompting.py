@@ -26,8 +26,13 @@ def build_prompt(tokenizer: ChatTokenizer, query: str) -> str:
 
     No system message: DeepSeek recommends putting every instruction in the user turn for R1 models.
     """
-    messages = [{"role": "user", "content": f"{query.strip()}\n\n{INSTRUCTION}"}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(prompt_messages(query), tokenize=False, add_generation_prompt=True)
+
+
+def prompt_messages(query: str) -> list[dict[str, str]]:
+    """The conversation `build_prompt` renders, for trainers that apply the chat template themselves
+    (TRL's `GRPOTrainer` renders exactly this, with the generation prompt, and adds no BOS of its own)."""
+    return [{"role": "user", "content": f"{query.strip()}\n\n{INSTRUCTION}"}]
 
 
 def build_completion(prompt: str, trace: str, gold: int) -> str:

@@ -1,0 +1,1 @@
+"""Reinforcement learning on the fine-tuned model: GRPO with a reward the exact solver verifies."""
