@@ -36,6 +36,7 @@ def run_config(root: Path, name: str, eval_rows: list[dict], parameters: dict | 
     """The embedded default, on this test's eval set and MLflow store, with `parameters` merged per section."""
     document = yaml.safe_load(embedded_config_path().read_text())
     settings = document["parameters"]
+    settings.pop("quality", None)  # the gate's own defaults, not the demo's allowance for its templated traces
     settings |= {
         "traces": ["placeholder: replaced by retrain --traces"],
         "eval_set": str(write_eval_set(root / name / "eval.csv", eval_rows)),
@@ -56,10 +57,13 @@ def refused(traces: Path, config: Path, capfd) -> list[str]:
     from tracesft.cli import main
 
     assert main(["retrain", "--traces", str(traces), "--config", str(config)]) == 2
-    error = capfd.readouterr().err
-    lines = error[error.rindex("error: quality gate: "):].removeprefix("error: ").splitlines()
-    assert all(line.startswith("quality gate: ") for line in lines), lines
-    return lines
+    captured = capfd.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    # The step that refused, then one indented line per failed check.
+    head, *lines = captured.err[captured.err.rindex("error: "):].splitlines()
+    assert head == "error: step build_sft_dataset refused:"
+    assert all(line.startswith("  quality gate: ") for line in lines), lines
+    return [line.removeprefix("  ") for line in lines]
 
 
 def test_traces_of_a_single_label_are_refused(root, capfd) -> None:

@@ -102,8 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     adapter_commands = adapters.add_subparsers(required=True, metavar="SUBCOMMAND")
     listing = adapter_commands.add_parser("list", help="every registered version, newest first")
     listing.set_defaults(handler=_adapters_list)
-    show = adapter_commands.add_parser("show", help="one registered version")
-    show.add_argument("version")
+    show = adapter_commands.add_parser("show", help="one registered version, by number or alias")
+    show.add_argument("version", help="a version number or an alias (champion, challenger)")
     show.set_defaults(handler=_adapters_show)
     promote = adapter_commands.add_parser(
         "promote", help="make VERSION champion (refused without a completed evaluation or for another base model)"
@@ -372,25 +372,42 @@ def _solve(args: argparse.Namespace) -> int:
 def _adapters_list(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import list_versions
 
-    rows = list_versions(load_run_config(args.config).registry)
+    settings = load_run_config(args.config).registry
+    rows = list_versions(settings)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     elif not rows:
-        print("No adapter registered yet (run `make demo` or `tracesft run`).")
-    for row in [] if args.json else rows:
-        f1 = row["metrics"].get("finetuned_f1")
-        print(f"{row['name']} v{row['version']}  aliases={','.join(row['aliases']) or '-'}  "
-              f"finetuned_f1={'-' if f1 is None else f'{f1:.3f}'}  base={row['tags'].get('base_model', '-')}")
+        print(f"No adapter registered in {settings.model_name} yet (run `make demo` or `tracesft run`).")
+    else:
+        print(f"{settings.model_name}, newest first:")
+        print(f"{'version':>7}  {'registered (UTC)':<16}  {'base F1':>7}  {'fine-tuned F1':>13}  aliases")
+        for row in rows:
+            print(f"{row['version']:>7}  {_utc_minute(row['created']):<16}  {_f1(row, 'base_f1'):>7}  "
+                  f"{_f1(row, 'finetuned_f1'):>13}  {', '.join(row['aliases']) or '-'}")
     return 0
+
+
+def _utc_minute(epoch_ms: int | None) -> str:
+    from datetime import datetime, timezone
+
+    return "-" if epoch_ms is None else datetime.fromtimestamp(epoch_ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _f1(row: dict, metric: str) -> str:
+    value = row["metrics"].get(metric)
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _adapters_show(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import list_versions
 
     settings = load_run_config(args.config).registry
-    match = [row for row in list_versions(settings) if row["version"] == args.version]
+    # A version number or an alias, as `export` takes them.
+    match = [row for row in list_versions(settings) if args.version in (row["version"], *row["aliases"])]
     if not match:
-        raise TracesftError(f"{settings.model_name} has no version {args.version!r}; see `tracesft adapters list`.")
+        raise TracesftError(
+            f"{settings.model_name} has no version or alias {args.version!r}; see `tracesft adapters list`."
+        )
     print(json.dumps(match[0], indent=2, default=str) if args.json else _pretty(match[0]))
     return 0
 
@@ -454,7 +471,8 @@ def _adapters_export(args: argparse.Namespace) -> int:
 
 
 def _pretty(row: dict) -> str:
-    lines = [f"{row['name']} version {row['version']}", f"  aliases: {', '.join(row['aliases']) or '-'}", "  tags:"]
+    lines = [f"{row['name']} version {row['version']}", f"  registered: {_utc_minute(row['created'])} UTC",
+             f"  aliases: {', '.join(row['aliases']) or '-'}", "  tags:"]
     lines += [f"    {k}: {v}" for k, v in sorted(row["tags"].items())]
     lines += ["  metrics:"] + [f"    {k}: {v:.4f}" for k, v in sorted(row["metrics"].items())]
     return "\n".join(lines)
