@@ -227,9 +227,12 @@ def _print_run_summary(summary: dict, run_config, shown_config: Path) -> None:
               f"{gain['confidence']:.0%} interval [{gain['low']:+.3f}, {gain['high']:+.3f}].")
     if "registered" in summary:
         registered, decision = summary["registered"], summary["promotion"]
-        print(f"Promotion gate: {'PROMOTED to champion' if decision['promoted'] else 'not promoted'}: {decision['reason']}.")
-        news = "registered" if summary["new_version"] else "unchanged inputs: nothing new registered;"
-        print(f"Registry: {registered['name']} version {registered['version']} {news} "
+        # A cached run shows the decision of the run that computed its steps.
+        when = "" if summary["new_version"] else f" (decided when version {registered['version']} was registered)"
+        print(f"Promotion gate{when}: {'PROMOTED to champion' if decision['promoted'] else 'not promoted'}: "
+              f"{decision['reason']}.")
+        news = "registered" if summary["new_version"] else "(inputs unchanged: nothing new registered)"
+        print(f"Registry: {registered['name']} version {registered['version']} {news}; "
               f"aliases: {', '.join(registered['aliases']) or 'none'}.")
     config = "" if shown_config == embedded_config_path() else f" --config {shown_config}"
     uri = resolve_tracking_uri(run_config.registry)
