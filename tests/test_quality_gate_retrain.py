@@ -59,11 +59,16 @@ def refused(traces: Path, config: Path, capfd) -> list[str]:
     assert main(["retrain", "--traces", str(traces), "--config", str(config)]) == 2
     captured = capfd.readouterr()
     assert captured.out == "" and "Traceback" not in captured.err
-    # The step that refused, then one indented line per failed check.
-    head, *lines = captured.err[captured.err.rindex("error: "):].splitlines()
-    assert head == "error: step build_sft_dataset refused:"
-    assert all(line.startswith("  quality gate: ") for line in lines), lines
-    return [line.removeprefix("  ") for line in lines]
+    # The step that refused, then its reason; several reasons: one indented line each.
+    message = captured.err[captured.err.rindex("error: "):].removeprefix("error: step build_sft_dataset")
+    if message.startswith(": "):
+        lines = [message.removeprefix(": ").rstrip("\n")]
+    else:
+        head, *indented = message.splitlines()
+        assert head == " refused:" and all(line.startswith("  ") for line in indented), message
+        lines = [line.removeprefix("  ") for line in indented]
+    assert all(line.startswith("quality gate: ") for line in lines), lines
+    return lines
 
 
 def test_traces_of_a_single_label_are_refused(root, capfd) -> None:

@@ -168,7 +168,8 @@ def _retrain(args: argparse.Namespace) -> int:
     if args.config is None:
         _prepare_embedded_workspace()
     source = args.config or embedded_config_path()
-    load_run_config(source)  # fail fast, with a clear message, before ZenML starts
+    # Fail fast, with a clear message, before ZenML starts or anything is written.
+    require_device(load_run_config(source).device, str(source))
     # Kept beside the other derived configurations rather than in a temporary folder: ZenML and
     # every message may name it, and it must still be there when the user looks.
     config = with_traces(source, [args.traces.resolve()], STATE_DIR / "run-configs" / f"{source.stem}.retrain.yaml")
