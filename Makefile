@@ -10,11 +10,15 @@ export ZENML_ANALYTICS_OPT_IN ?= false
 
 setup: $(STAMP)
 
+# pip lists each package as it collects and installs it: the first install takes a few minutes,
+# and a silent one reads like a hang.
 $(STAMP): pyproject.toml
+	@echo "Setting up $(VENV): installing tracesft and its dependencies (a few minutes the first time)..."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --progress-bar on -e ".[dev]"
 	touch $@
+	@echo "$(VENV) is ready: its commands are $(BIN)/tracesft, $(BIN)/mlflow, $(BIN)/zenml (or run: . $(BIN)/activate)."
 
 demo: setup
 	$(BIN)/tracesft demo

@@ -52,8 +52,10 @@ def _run(pipeline: Any, config_path: Path, model_name: str) -> Any:
 
 
 def run_summary(run: Any) -> dict[str, Any]:
-    """Step statuses, what ingestion read, skipped and left unread, the SFT split's sizes (a GRPO
-    run: its steps and reward), the registered version and the promotion decision of a finished run.
+    """Step statuses; what ingestion read, skipped and left unread; what verification kept and
+    rejected, by reason; the SFT split's sizes (a GRPO run: its steps and reward); base and
+    fine-tuned F1 with the interval of their difference; the registered version and the promotion
+    decision of a finished run.
 
     The data figures come from the steps' metadata, which a cached step shares with the run that
     computed it, so a fully cached run still says what its training data left out.
@@ -63,14 +65,25 @@ def run_summary(run: Any) -> dict[str, Any]:
     run = Client().get_pipeline_run(run.id)
     steps = {name: str(step.status.value) for name, step in run.steps.items()}
     summary: dict[str, Any] = {"run": run.name, "status": str(run.status.value), "steps": steps}
-    ingest, dataset = run.steps.get("ingest_traces"), run.steps.get("build_sft_dataset")
+    ingest, verify, dataset = (run.steps.get(name) for name in ("ingest_traces", "verify_traces", "build_sft_dataset"))
     if ingest is not None and "records" in ingest.run_metadata:
         summary["ingestion"] = {key: ingest.run_metadata[key] for key in INGESTION_FIGURES if key in ingest.run_metadata}
+    if verify is not None and "kept" in verify.run_metadata:
+        summary["verification"] = {key: verify.run_metadata[key] for key in ("records", "kept", "rejected")}
     if dataset is not None and "train" in dataset.run_metadata:
         summary["sft_dataset"] = {split: dataset.run_metadata[split] for split in ("train", "validation")}
     grpo = run.steps.get("train_grpo_adapter")
     if grpo is not None and "steps" in grpo.run_metadata:
         summary["grpo"] = {key: grpo.run_metadata.get(key) for key in GRPO_FIGURES}
+    compare = run.steps.get("compare_models")
+    if compare is not None and compare.status.value in ("completed", "cached"):
+        comparison = compare.outputs["model_comparison"][0].load()
+        summary["evaluation"] = {
+            "problems": comparison.problems,
+            "base_f1": comparison.base_f1,
+            "finetuned_f1": comparison.finetuned_f1,
+            "f1_difference": comparison.f1_difference.model_dump(),
+        }
     register, promote = run.steps.get("register_adapter"), run.steps.get("promote_adapter")
     if register is not None and promote is not None:
         summary["registered"] = register.outputs["registered_version"][0].load().model_dump()

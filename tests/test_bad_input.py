@@ -170,3 +170,9 @@ def test_a_bad_model_name_fails_as_the_configuration_loads(tmp_path: Path, capsy
     config.write_text("parameters:\n  traces: [t]\n  eval_set: e.csv\n  registry:\n    model_name: team/corr2cause\n")
     assert_one_clear_line(capsys, ["adapters", "list", "--config", str(config)], str(config),
                           "parameters.registry.model_name", "'/'")
+
+
+def test_retrain_on_a_path_that_does_not_exist_says_what_it_takes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "gpt-results"
+    assert_one_clear_line(capsys, ["retrain", "--traces", str(missing)], str(missing), "no such file or folder",
+                          "(or one such file)")

@@ -66,3 +66,32 @@ def test_library_paths_in_the_documents_exist(document: str) -> None:
 def test_the_pattern_finds_what_it_should() -> None:
     text = "see `tracesft/data/solver.py`, (tracesft/cli.py) and .tracesft/zenml/x.py, not a/tracesft/y.py"
     assert LIBRARY_PATH.findall(text) == ["tracesft/data/solver.py", "tracesft/cli.py"]
+
+
+def test_the_readme_shows_the_demo_summary_as_the_demo_prints_it() -> None:
+    """The example summary counts the pipeline's real steps, and its "Look next" commands are the
+    ones a run prints after `make demo` (venv not activated: `.venv/bin/...`)."""
+    import steps
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    steps_shown = re.search(r"completed, 0 of (\d+) steps cached\.", readme)
+    assert steps_shown, "README.md shows no run summary"
+    body = (REPO_ROOT / "pipelines" / "sft_pipeline.py").read_text(encoding="utf-8").split("def sft_pipeline(")[1]
+    invocations = sum(len(re.findall(rf"\b{name}\(", body)) for name in steps.__all__)
+    assert int(steps_shown[1]) == invocations, "the README's example summary must count the pipeline's steps"
+    for command in (".venv/bin/tracesft adapters list", ".venv/bin/mlflow ui --backend-store-uri sqlite:///",
+                    ".venv/bin/zenml pipeline runs list", ".venv/bin/tracesft adapters show champion"):
+        assert command in readme, command
+
+
+def test_a_run_points_at_commands_that_run_where_the_user_is(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Outside an activated venv the summary names `.venv/bin/tracesft`; inside one, `tracesft`."""
+    import sys
+
+    from tracesft.cli import _runnable
+
+    monkeypatch.chdir(Path(sys.executable).parent.parent.parent)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert _runnable("tracesft") == str(Path(sys.executable).parent.relative_to(Path.cwd()) / "tracesft")
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    assert _runnable("tracesft") == "tracesft"

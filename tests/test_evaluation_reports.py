@@ -5,6 +5,7 @@ evaluation resumes from its cache, and the comparison reaches the report page, M
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,9 @@ def test_compare_models_and_its_report(tmp_path: Path) -> None:
     page = render_evaluation_html(base, tuned, comparison)
     assert "data:image/png;base64," in page and "By relation template" in page and "renamed variables" in page
     assert "+1.000" in page
+    # Each confusion matrix: its table with its picture beside it.
+    assert page.count("alt='confusion matrix, ") == 2
+    assert re.search(r"<div style='display:flex[^>]*><table><tr><th>fine-tuned</th>.*?</table><img alt='confusion matrix, fine-tuned'", page)
 
     with pytest.raises(TracesftError, match="not on the same problems"):
         compare_models(base, _report("fine-tuned", ["no"] * 19), EvalSettings())

@@ -2,8 +2,9 @@
 started as scheduled retraining starts it: `tracesft retrain --traces DIR --config FILE`, a process
 of its own.
 
-Three runs, each a module fixture built on the one before: the first trains and registers version 1
-(alias challenger); the second, with the same inputs, is served entirely from the cache and
+Three runs, each a module fixture built on the one before: the first trains on the demo's
+generated traces, registers version 1 and, the fine-tuned model beating the base beyond the
+bootstrap interval, the gate promotes it to champion; the second, with the same inputs, is served entirely from the cache and
 registers nothing; after a new trace file lands in a subfolder, ingestion and everything downstream
 rerun and version 2 is registered. A fourth, `tracesft grpo`, continues version 2 with GRPO and
 registers its child, version 3. Each keeps what it printed and the registry as seen right after
@@ -176,7 +177,7 @@ def _retrain(config: Path, as_json: bool = True) -> Run:
     versions = list_versions(load_run_config(config).registry)
     if not as_json:
         return Run(None, done.stdout + done.stderr, versions, None)
-    summary = json.loads(done.stdout[done.stdout.rindex('{\n  "run"'):])
+    summary = json.loads(done.stdout)  # stdout holds the one JSON document; every log went to stderr
     return Run(summary, done.stdout + done.stderr, versions, _model_version(summary["run"]))
 
 
@@ -205,8 +206,14 @@ def test_first_run_registers_a_challenger_with_lineage(workspace, first_run):
     assert tags["zenml_run_url"] == "local store"  # the test's ZenML store has no server
     assert len(tags["run_config_hash"]) == 64 and tags["git_commit"]
     assert tags["train_examples"].isdigit() and tags["adapter_content_hash"]
-    decision = summary["promotion"]
-    assert decision["promoted"] == (decision["finetuned_f1"] > decision["base_f1"])
+    # The demo learns: the fine-tuned model beats the base beyond the interval, and is promoted.
+    decision, evaluation = summary["promotion"], summary["evaluation"]
+    assert evaluation["finetuned_f1"] > evaluation["base_f1"] and evaluation["f1_difference"]["low"] > 0
+    assert decision["promoted"] and decision["f1_difference_ci_low"] == evaluation["f1_difference"]["low"]
+    assert set(summary["registered"]["aliases"]) == {"challenger", "champion"} == set(version["aliases"])
+    verification = summary["verification"]
+    assert verification["kept"] + sum(verification["rejected"].values()) == verification["records"] == summary["ingestion"]["records"]
+    assert {"wrong_answer", "flag_contradicts_text", "unparseable_answer"} <= set(verification["rejected"])
 
     traces = _traces(workspace[1])
     ingestion = summary["ingestion"]
@@ -235,10 +242,15 @@ def test_unchanged_inputs_are_served_from_cache(workspace, unchanged_run):
     text = unchanged_run.printed
     steps = re.search(r"(\d+) of (\d+) steps cached", text)
     assert steps and int(steps[1]) == int(steps[2]) - 2  # all but register (never cached) and promote after it
-    assert "Nothing new registered: found version 1 (same adapter content) in the registry." in text
+    assert (f"Registry: {MODEL_NAME} version 1 found in the registry (same adapter content): nothing new registered; "
+            "aliases: challenger, champion.") in text
+    assert re.search(r"Evaluation on \d+ held-out problems: base F1 0\.000, fine-tuned F1 0\.\d{3}; gain \+0\.\d{3}, "
+                     r"95% interval \[\+0\.\d{3}, \+0\.\d{3}\]\.", text)
+    assert "Promotion gate: not promoted: version 1 is already champion." in text
+    assert re.search(r"Verified: \d+ of \d+ kept, \d+ rejected \(duplicate \d+, flag_contradicts_text 2, ", text)
     assert [v["version"] for v in unchanged_run.versions] == ["1"]
     traces = _traces(workspace[1])
-    assert re.search(r"Ingested (\d+) of (\d+) records from 2 file\(s\); 1 unreadable record\(s\) skipped", text)
+    assert re.search(r"Traces: \d+ records read from 2 file\(s\); 1 unreadable record\(s\) skipped", text)
     assert f"  {next((traces / 'harness-b').glob('*.JSONL'))} (line " in text and "not valid JSON" in text
     assert "3 path(s) in the traces folders not read:" in text
     assert f"  {traces / 'README.md'}: wrong_extension\n" in text and f"  {traces / 'run0.jsonl'}: dangling_link\n" in text

@@ -246,7 +246,9 @@ def test_leaked_eval_problems_are_removed_and_reported_not_failed(tokenizer, ver
     assert [o.eval_row for o in report.eval_overlap] == [1000, 1001, 1002]
     assert report.eval_overlap[0].traces == [verified.records[0].where]
     assert report.held_out_eval_problems == 40
-    assert "eval row 1000: also in" in report_html(report)
+    # Named by its line, counted from 1 with the header as line 1, as everywhere else.
+    assert [o.eval_line for o in report.eval_overlap] == [1002, 1003, 1004]
+    assert "eval set line 1002: also in" in report_html(report)
 
 
 def test_too_little_held_out_eval_data_fails_and_names_the_check(tokenizer, verified, eval_set) -> None:
@@ -255,14 +257,14 @@ def test_too_little_held_out_eval_data_fails_and_names_the_check(tokenizer, veri
     message = only_failure(validate_traces(verified, tokenizer, 4096, eval_set[:4] + leaked, settings), "held_out_eval")
     assert message.startswith(
         "quality gate: held-out eval problems 4 is below 7 "
-        "(quality.min_held_out_eval_problems / quality.min_held_out_eval_share): eval row 1000 is also traced in "
+        "(quality.min_held_out_eval_problems / quality.min_held_out_eval_share): eval set line 1002 is also traced in "
     )
 
 
 def traced_as_eval(verified, count: int, first_row: int = 1000) -> list[EvalProblem]:
-    """Eval problems that are copies of traced problems (leakage)."""
+    """Eval problems that are copies of traced problems (leakage), one CSV line each after the header."""
     return [
-        EvalProblem(query=r.query, label=r.gold, num_variables=6, template="parent", row=first_row + i)
+        EvalProblem(query=r.query, label=r.gold, num_variables=6, template="parent", row=first_row + i, line=first_row + i + 2)
         for i, r in enumerate(verified.records[:count])
     ]
 

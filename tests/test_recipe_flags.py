@@ -30,7 +30,7 @@ def test_overrides_are_typed_by_the_recipe_and_keep_the_rest(tmp_path) -> None:
     assert (training.lora_r, training.use_4bit, training.learning_rate) == (32, False, 1e-4)
     assert training.target_modules == ["q_proj", "v_proj"] and training.eval_steps is None
     assert training.checkpoint_dir == "/mnt/ckpt"
-    assert training.num_train_epochs == embedded.training.num_train_epochs == 2  # from the file, untouched
+    assert training.num_train_epochs == embedded.training.num_train_epochs == 3  # from the file, untouched
     assert config.model_dump(exclude={"training"}) == embedded.model_dump(exclude={"training"})
     assert yaml.safe_load(derived.read_text()).keys() == yaml.safe_load(embedded_config_path().read_text()).keys()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -427,7 +428,9 @@ def test_cli_adapters_list_json(cli_registry: dict[str, Any], capsys: pytest.Cap
 def test_cli_adapters_list_text(cli_registry: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["adapters", "list"]) == 0
     out = capsys.readouterr().out
-    assert "corr2cause-tiny-lora v1" in out and "finetuned_f1=0.650" in out and "base=tiny-base" in out
+    header, row = out.splitlines()[1:3]
+    assert header.split() == ["version", "registered", "(UTC)", "base", "F1", "fine-tuned", "F1", "aliases"]
+    assert re.fullmatch(r"\s+1  \d{4}-\d\d-\d\d \d\d:\d\d  +\d\.\d{3}  +0\.650  challenger, champion", row), row
 
 
 def test_cli_adapters_show(cli_registry: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
@@ -437,6 +440,9 @@ def test_cli_adapters_show(cli_registry: dict[str, Any], capsys: pytest.CaptureF
     assert main(["adapters", "show", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{CLI_MODEL} version 1") and "traces_content_hash" in out
+    # An alias names a version, as in `adapters export`.
+    assert main(["adapters", "show", "champion"]) == 0
+    assert capsys.readouterr().out.startswith(f"{CLI_MODEL} version 1")
 
 
 def test_cli_adapters_show_unknown_version(cli_registry: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
@@ -444,7 +450,7 @@ def test_cli_adapters_show_unknown_version(cli_registry: dict[str, Any], capsys:
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("error: ")
-    assert f"{CLI_MODEL} has no version '99'" in captured.err
+    assert f"{CLI_MODEL} has no version or alias '99'" in captured.err
     assert "tracesft adapters list" in captured.err
     assert "Traceback" not in captured.err
 

@@ -58,7 +58,7 @@ def test_job_runs_the_pipeline_in_the_venv_and_registers_an_adapter(tmp_path):
     assert "job 4242 (tracesft-sft)" in job.stdout
     assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True,max_split_size_mb:256" in job.stdout
     assert "venv " + sys.prefix in job.stdout
-    assert "Registered corr2cause-tiny-lora version 1" in job.stdout
+    assert "Registry: corr2cause-tiny-lora version 1 registered" in job.stdout
     assert (tmp_path / "team-mlflow.db").exists(), "MLFLOW_TRACKING_URI from the environment must win"
     assert (tmp_path / ".tracesft" / "tiny-model" / "config.json").exists()
     assert not (REPO / ".tracesft" / "incoming").exists()
@@ -68,5 +68,5 @@ def test_job_exits_non_zero_when_the_pipeline_fails(tmp_path):
     job = _run_job(tmp_path, TRACESFT_CONFIG="", TRACESFT_TRACES=str(tmp_path / "missing"), PYTORCH_CUDA_ALLOC_CONF="")
 
     assert job.returncode == 2
-    assert "no such folder" in job.stderr and "tracesft failed with exit code 2" in job.stderr
+    assert "no such file or folder" in job.stderr and "tracesft failed with exit code 2" in job.stderr
     assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in job.stdout  # the default when unset

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +31,8 @@ from tracesft.device import require_device
 from tracesft.errors import TracesftError
 from tracesft.workspace import state_dir, use_workspace_zenml_store
 
+
+DEBUG_HELP = "show ZenML's full output and tracebacks when a step fails"
 
 # Every scalar or list field of the recipe is a flag; nested settings (`distributed`) stay in the YAML.
 RECIPE_FLAGS = {name: field for name, field in TrainingRecipe.model_fields.items()
@@ -57,10 +59,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = command("demo", _demo, "Run the whole pipeline on the embedded default (CPU, tiny model, sample traces).")
     demo.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    demo.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
     run = command("run", _run, "Run the pipeline with a run configuration (ZenML run-config YAML).")
     run.add_argument("--config", type=Path, default=None, help="run configuration (default: the embedded one)")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    run.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     recipe_flags = run.add_argument_group("training recipe (overrides the configuration's `training:`)")
     for name, field in RECIPE_FLAGS.items():
         recipe_flags.add_argument(f"--{name}", dest=f"recipe_{name}", metavar=_metavar(field.annotation),
@@ -75,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     retrain.add_argument("--traces", type=Path, required=True, help="folder of GPT result files (overrides the configured traces)")
     retrain.add_argument("--config", type=Path, default=None, help="run configuration (default: the embedded one)")
     retrain.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    retrain.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
     grpo = command(
         "grpo",
@@ -113,8 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     adapter_commands = adapters.add_subparsers(required=True, metavar="SUBCOMMAND")
     listing = adapter_commands.add_parser("list", help="every registered version, newest first")
     listing.set_defaults(handler=_adapters_list)
-    show = adapter_commands.add_parser("show", help="one registered version")
-    show.add_argument("version")
+    show = adapter_commands.add_parser("show", help="one registered version, by number or alias")
+    show.add_argument("version", help="a version number or an alias (champion, challenger)")
     show.set_defaults(handler=_adapters_show)
     promote = adapter_commands.add_parser(
         "promote", help="make VERSION champion (refused without a completed evaluation or for another base model)"
@@ -146,7 +151,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    return _run_and_report(embedded_config_path(), args.json, embedded_config_path())
+    return _run_and_report(embedded_config_path(), args, embedded_config_path())
+
+
+def failure_log() -> Path:
+    """Where the traceback of a run that failed for a reason other than its input is kept."""
+    return state_dir() / "logs" / "last-failure.log"
 
 
 def _use_state_of(config: Path | None) -> None:
@@ -208,58 +218,103 @@ def _run(args: argparse.Namespace) -> int:
     if overrides:
         config = with_training_overrides(config, overrides, state_dir() / "run-configs")
     load_run_config(config)  # fail fast, with a clear message, before ZenML starts
-    return _run_and_report(config, args.json, args.config or embedded_config_path())
+    return _run_and_report(config, args, args.config or embedded_config_path())
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    if not args.traces.is_dir():
-        raise TracesftError(f"{args.traces}: no such folder; give the folder where new GPT result files arrive.")
+    if not args.traces.exists():
+        raise TracesftError(
+            f"{args.traces}: no such file or folder; give the folder where new GPT result files arrive (or one such file)."
+        )
+    if args.config is None:
+        _use_state_of(None)
     source = args.config or embedded_config_path()
-    load_run_config(source)  # fail fast, with a clear message, before ZenML starts
-    with tempfile.TemporaryDirectory(prefix="tracesft-retrain-") as directory:
-        config = with_traces(source, [args.traces.resolve()], Path(directory) / "run.yaml")
-        return _run_and_report(config, args.json, args.config or embedded_config_path())
+    # Fail fast, with a clear message, before ZenML starts or anything is written.
+    require_device(load_run_config(source).device, str(source))
+    # Kept beside the other derived configurations rather than in a temporary folder: ZenML and
+    # every message may name it, and it must still be there when the user looks.
+    config = with_traces(source, [args.traces.resolve()], state_dir() / "run-configs" / f"{source.stem}.retrain.yaml")
+    return _run_and_report(config, args, source)
 
 
-def _run_and_report(config: Path, as_json: bool, shown_config: Path) -> int:
-    """Run the pipeline on `config` (possibly a derived copy of the user's `shown_config`) and report."""
+def _run_and_report(config: Path, args: argparse.Namespace, shown_config: Path) -> int:
+    """Run the pipeline on `config` (possibly a derived copy of the user's `shown_config`) and report
+    on stdout: the summary, or with `--json` one JSON document; everything else goes to stderr."""
     from pipelines.run import run_pipeline, run_summary
+    from tracesft.console import failure_message, quiet_step_failures, stdout_to_stderr
     from tracesft.registry.model_registry import list_versions
-    from tracesft.train.tracking import resolve_tracking_uri
 
     run_config = load_run_config(config)
     require_device(run_config.device, str(shown_config))  # before ZenML starts, not in its first GPU step
     _use_state_of(shown_config)
-    settings = run_config.registry
-    summary = run_summary(run_pipeline(config))
-    if as_json:
+    failed: tuple[str, bool] | None = None  # the message, and whether the input caused it
+    with stdout_to_stderr(), quiet_step_failures(args.debug) as failure:
+        try:
+            run = run_pipeline(config)
+        except Exception as error:
+            if args.debug:
+                raise
+            failed = failure_message(error, failure.step, failure_log()), isinstance(error, TracesftError)
+        else:
+            summary = run_summary(run)
+            if "registered" in summary:
+                version = summary["registered"]["version"]
+                summary["registered"]["aliases"] = next(
+                    (row["aliases"] for row in list_versions(run_config.registry) if row["version"] == version), []
+                )
+    if failed is not None:
+        message, caused_by_input = failed
+        print(f"error: {message}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"status": "failed", "step": failure.step, "error": message}, indent=2))
+        return 2 if caused_by_input else 1
+    if args.json:
         print(json.dumps(summary, indent=2, default=str))
-        return 0
+    else:
+        _print_run_summary(summary, run_config, shown_config)
+    return 0
+
+
+def _print_run_summary(summary: dict, run_config, shown_config: Path) -> None:
+    """The run's story in the order it happened: data in, data kept, scores, the gate, the registry."""
+    from tracesft.train.tracking import resolve_tracking_uri
+
     cached = sum(1 for status in summary["steps"].values() if status == "cached")
     print(f"\nRun {summary['run']}: {summary['status']}, {cached} of {len(summary['steps'])} steps cached.")
     _print_data_summary(summary)
+    if "evaluation" in summary:
+        evaluation = summary["evaluation"]
+        gain = evaluation["f1_difference"]
+        print(f"Evaluation on {evaluation['problems']} held-out problems: base F1 {evaluation['base_f1']:.3f}, "
+              f"fine-tuned F1 {evaluation['finetuned_f1']:.3f}; gain {gain['observed']:+.3f}, "
+              f"{gain['confidence']:.0%} interval [{gain['low']:+.3f}, {gain['high']:+.3f}].")
     if "registered" in summary:
         registered, decision = summary["registered"], summary["promotion"]
-        if summary["new_version"]:
-            print(f"Registered {registered['name']} version {registered['version']} (alias challenger).")
-        else:
-            print(f"Nothing new registered: found version {registered['version']} (same adapter content) in the registry.")
         print(f"Promotion gate: {'PROMOTED to champion' if decision['promoted'] else 'not promoted'}: {decision['reason']}.")
-        for row in list_versions(settings):
-            if row["version"] == registered["version"]:
-                metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["metrics"].items()) if k.endswith("_f1"))
-                print(f"  version {row['version']}: aliases {row['aliases'] or '-'}; {metrics}")
-    uri = resolve_tracking_uri(settings)
-    print("\nSee the results:")
-    print(f"  tracesft adapters list{'' if shown_config == embedded_config_path() else f' --config {shown_config}'}")
+        news = "registered" if summary["new_version"] else "found in the registry (same adapter content): nothing new registered"
+        print(f"Registry: {registered['name']} version {registered['version']} {news}; "
+              f"aliases: {', '.join(registered['aliases']) or 'none'}.")
+    config = "" if shown_config == embedded_config_path() else f" --config {shown_config}"
+    uri = resolve_tracking_uri(run_config.registry)
+    print("\nLook next:")
+    print(f"  {_runnable('tracesft')} adapters list{config}")
     if uri.startswith("sqlite:///"):
-        print(f"  MLflow UI:        mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+        print(f"  {_runnable('mlflow')} ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     else:
-        print(f"  MLflow UI:        {uri}")
+        print(f"  MLflow: {uri}")
     zenml_config = os.environ.get("ZENML_CONFIG_PATH")
     prefix = f"ZENML_CONFIG_PATH={zenml_config} " if zenml_config else ""
-    print(f"  ZenML dashboard:  {prefix}zenml login --local   (runs: {prefix}zenml pipeline runs list)")
-    return 0
+    print(f"  {prefix}{_runnable('zenml')} pipeline runs list")
+
+
+def _runnable(program: str) -> str:
+    """How to start `program` of this environment from the user's shell: its bare name when PATH
+    finds this very copy (an activated venv), else its path (`.venv/bin/tracesft` after `make demo`)."""
+    here = Path(sys.executable).parent / program
+    found = shutil.which(program)
+    if found and Path(found).resolve() == here.resolve():
+        return program
+    return os.path.relpath(here) if here.is_relative_to(Path.cwd()) else str(here)
 
 
 def _print_data_summary(summary: dict) -> None:
@@ -267,13 +322,19 @@ def _print_data_summary(summary: dict) -> None:
     if "ingestion" in summary:
         ingestion = summary["ingestion"]
         skipped, ignored = ingestion["skipped_records"], ingestion["ignored_files"]
-        print(f"Ingested {ingestion['records']} of {ingestion['records'] + skipped} records from {ingestion['files']} file(s)"
+        print(f"Traces: {ingestion['records'] + skipped} records read from {ingestion['files']} file(s)"
               + (f"; {skipped} unreadable record(s) skipped (on_bad_record: skip):" if skipped else "."))
         # Each message already names its file and line or record.
         _print_listed([s["error"] for s in ingestion.get("skipped_records_listed", [])], skipped)
         if ignored:
             print(f"{ignored} path(s) in the traces folders not read:")
             _print_listed([f"{i['path']}: {i['reason']}" for i in ingestion.get("ignored_files_listed", [])], ignored)
+    if "verification" in summary:
+        verification = summary["verification"]
+        rejected = verification["rejected"]
+        reasons = ", ".join(f"{reason} {count}" for reason, count in rejected.items())
+        print(f"Verified: {verification['kept']} of {verification['records']} kept, {sum(rejected.values())} rejected"
+              + (f" ({reasons})." if rejected else "."))
     if "sft_dataset" in summary:
         print(f"SFT dataset: {summary['sft_dataset']['train']} train, {summary['sft_dataset']['validation']} validation records.")
 
@@ -374,25 +435,42 @@ def _solve(args: argparse.Namespace) -> int:
 def _adapters_list(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import list_versions
 
-    rows = list_versions(_registry_of(args))
+    settings = _registry_of(args)
+    rows = list_versions(settings)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     elif not rows:
-        print("No adapter registered yet (run `make demo` or `tracesft run`).")
-    for row in [] if args.json else rows:
-        f1 = row["metrics"].get("finetuned_f1")
-        print(f"{row['name']} v{row['version']}  aliases={','.join(row['aliases']) or '-'}  "
-              f"finetuned_f1={'-' if f1 is None else f'{f1:.3f}'}  base={row['tags'].get('base_model', '-')}")
+        print(f"No adapter registered in {settings.model_name} yet (run `make demo` or `tracesft run`).")
+    else:
+        print(f"{settings.model_name}, newest first:")
+        print(f"{'version':>7}  {'registered (UTC)':<16}  {'base F1':>7}  {'fine-tuned F1':>13}  aliases")
+        for row in rows:
+            print(f"{row['version']:>7}  {_utc_minute(row['created']):<16}  {_f1(row, 'base_f1'):>7}  "
+                  f"{_f1(row, 'finetuned_f1'):>13}  {', '.join(row['aliases']) or '-'}")
     return 0
+
+
+def _utc_minute(epoch_ms: int | None) -> str:
+    from datetime import datetime, timezone
+
+    return "-" if epoch_ms is None else datetime.fromtimestamp(epoch_ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _f1(row: dict, metric: str) -> str:
+    value = row["metrics"].get(metric)
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _adapters_show(args: argparse.Namespace) -> int:
     from tracesft.registry.model_registry import list_versions
 
     settings = _registry_of(args)
-    match = [row for row in list_versions(settings) if row["version"] == args.version]
+    # A version number or an alias, as `export` takes them.
+    match = [row for row in list_versions(settings) if args.version in (row["version"], *row["aliases"])]
     if not match:
-        raise TracesftError(f"{settings.model_name} has no version {args.version!r}; see `tracesft adapters list`.")
+        raise TracesftError(
+            f"{settings.model_name} has no version or alias {args.version!r}; see `tracesft adapters list`."
+        )
     print(json.dumps(match[0], indent=2, default=str) if args.json else _pretty(match[0]))
     return 0
 
@@ -458,7 +536,8 @@ def _adapters_export(args: argparse.Namespace) -> int:
 
 
 def _pretty(row: dict) -> str:
-    lines = [f"{row['name']} version {row['version']}", f"  aliases: {', '.join(row['aliases']) or '-'}", "  tags:"]
+    lines = [f"{row['name']} version {row['version']}", f"  registered: {_utc_minute(row['created'])} UTC",
+             f"  aliases: {', '.join(row['aliases']) or '-'}", "  tags:"]
     lines += [f"    {k}: {v}" for k, v in sorted(row["tags"].items())]
     lines += ["  metrics:"] + [f"    {k}: {v:.4f}" for k, v in sorted(row["metrics"].items())]
     return "\n".join(lines)

@@ -398,5 +398,6 @@ def with_traces(path: str | Path, traces: list[str | Path], destination: Path) -
     """
     document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     document["parameters"]["traces"] = [str(trace) for trace in traces]
+    destination.parent.mkdir(parents=True, exist_ok=True)
     destination.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return destination

@@ -73,7 +73,7 @@ def premise_text(dag: Dag) -> str:
     correlations = [(x, y) for x, y in combinations(range(n), 2) if ((1 << x) | (1 << y), 0) not in separations]
     statements = [f"{names[x]} correlates with {names[y]}." for x, y in correlations]
     independent = [
-        f"{names[x]} and {names[y]} are independent given {_list_text([names[i] for i in given])}."
+        f"{names[x]} and {names[y]} are independent given {list_text([names[i] for i in given])}."
         if given
         else f"{names[x]} is independent of {names[y]}."
         for x, y, given in independences
@@ -82,7 +82,7 @@ def premise_text(dag: Dag) -> str:
     if independent:
         relations += (" However, " if statements else "") + " ".join(independent)
     return (
-        f"Suppose there is a closed system of {n} variables, {_list_text(list(names))}. All the statistical "
+        f"Suppose there is a closed system of {n} variables, {list_text(list(names))}. All the statistical "
         f"relations among these {n} variables are as follows: {relations}"
     )
 
@@ -155,5 +155,6 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> int:
     return written
 
 
-def _list_text(items: list[str]) -> str:
+def list_text(items: list[str]) -> str:
+    """Names as the official wording lists them: `A`, `A and B`, `A, B and C`."""
     return " and ".join([", ".join(items[:-1]), items[-1]]) if len(items) > 2 else " and ".join(items)

@@ -121,7 +121,8 @@ class Baseline(BaseModel):
 class EvalOverlap(BaseModel):
     """An eval problem that also appears among the verified traces: removed from the eval set."""
 
-    eval_row: int  # 0-based data row of the eval CSV
+    eval_row: int  # 0-based data row of the eval CSV, its identity in the set
+    eval_line: int | None = None  # the line of the eval CSV it starts on, counted from 1: what messages show
     traces: list[str]  # where it appears among the traces
 
 
@@ -188,7 +189,7 @@ def eval_overlap(batch: TraceBatch, eval_problems: list[EvalProblem]) -> list[Ev
     for record in batch.records:
         where.setdefault(normalize_query(record.query), []).append(record.where)
     return [
-        EvalOverlap(eval_row=p.row, traces=where[normalize_query(p.query)])
+        EvalOverlap(eval_row=p.row, eval_line=p.line, traces=where[normalize_query(p.query)])
         for p in eval_problems
         if normalize_query(p.query) in where
     ]
@@ -411,7 +412,7 @@ def _checks(
             "held_out_eval", "held-out eval problems", "held_out",
             E.ExpectTableRowCountToBeBetween(min_value=needed),
             ("quality.min_held_out_eval_problems", "quality.min_held_out_eval_share"), minimum=needed,
-            describe=lambda result: "; ".join(f"eval row {o.eval_row} is also traced in {o.traces[0]}" for o in overlap[:5]),
+            describe=lambda result: "; ".join(f"eval set {_eval_position(o)} is also traced in {o.traces[0]}" for o in overlap[:5]),
         ),
     ]
     if drift_skipped:
@@ -476,6 +477,11 @@ def _outcome(check: _Check, result: Any) -> CheckOutcome:
     )
 
 
+def _eval_position(overlap: EvalOverlap) -> str:
+    """Where an eval problem sits, as an editor shows it (docs/architecture.md, "Positions in files")."""
+    return f"line {overlap.eval_line}" if overlap.eval_line is not None else f"row {overlap.eval_row + 1}"
+
+
 def _number(value: int | float | None, digits: int = 2) -> str:
     if value is None:
         return "n/a"
@@ -493,7 +499,7 @@ def report_html(report: QualityReport) -> str:
 
     verdict = "passed" if report.success else "FAILED"
     overlap = "".join(
-        f"<li>eval row {o.eval_row}: also in {html.escape(', '.join(o.traces))}</li>" for o in report.eval_overlap
+        f"<li>eval set {_eval_position(o)}: also in {html.escape(', '.join(o.traces))}</li>" for o in report.eval_overlap
     )
     baseline = html.escape(report.baseline) if report.baseline else "none (drift checks skipped)"
     return (

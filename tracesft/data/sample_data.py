@@ -17,6 +17,7 @@ import io
 import json
 import random
 import re
+from collections.abc import Callable
 from importlib import resources
 
 DATA = resources.files("tracesft") / "bundled"
@@ -62,22 +63,26 @@ def reasoning_text(query: str, answer_yes: bool, rng: random.Random) -> str:
     )
 
 
-def _trace(query: str, answer_yes: bool, index: int, rng: random.Random) -> str:
-    body = reasoning_text(query, answer_yes, rng)
+Reasoning = Callable[[str, bool, random.Random], str]  # (query, answer_yes, rng) -> the trace before its answer
+
+
+def _trace(query: str, answer_yes: bool, index: int, rng: random.Random, reasoning: Reasoning) -> str:
+    body = reasoning(query, answer_yes, rng)
     if index in UNPARSEABLE:
         return body.rsplit("\n\n", 1)[0] + "\n\nI am still unsure which of the candidate graphs applies here"
     return f"{body}\n\nAnswer: {'Yes' if answer_yes else 'No'}"
 
 
-def sample_trace_files(problems: list[dict], seed: int = 11) -> dict[str, str]:
-    """The two result files' names and contents; deterministic for a given problem list and seed."""
+def sample_trace_files(problems: list[dict], seed: int = 11, reasoning: Reasoning = reasoning_text) -> dict[str, str]:
+    """The two result files' names and contents; deterministic for a given problem list, seed and
+    `reasoning` (how a trace argues before its answer line)."""
     rng = random.Random(seed)
     run1, run2 = [], []
     for index, problem in enumerate(problems):
         gold = int(problem["label"])
         right = index not in WRONG_ANSWER + FLAG_CONTRADICTS
         answer_yes = (gold == 1) == right
-        trace = _trace(problem["input"], answer_yes, index, rng)
+        trace = _trace(problem["input"], answer_yes, index, rng, reasoning)
         flagged = right or index in FLAG_CONTRADICTS
         copies = 2 if index == DUPLICATED else 1
         if index % 2 == 0:

@@ -2,8 +2,8 @@
 
 One page holds the headline (F1 of both models and the confidence interval of their difference),
 every metric on every set (eval set, renamed variables, validation split), the breakdowns by
-template and by number of variables, the confusion matrices, and a bar chart of F1 by template.
-The chart is drawn once (`evaluation_figure`) and embedded in the page as a PNG, so the ZenML
+template and by number of variables, the confusion matrices (each a table beside its picture), and a bar chart of F1 by template.
+The charts are drawn once (`evaluation_figure`) and embedded in the page as a PNG, so the ZenML
 dashboard and MLflow show the same picture. It is a bare `matplotlib.figure.Figure`, not a pyplot
 figure: it renders to PNG without a display, so no backend is chosen for the whole process, and
 nothing needs closing.
@@ -56,6 +56,25 @@ def evaluation_figure(base: EvalReport, tuned: EvalReport) -> Figure:
     return figure
 
 
+def confusion_figure(report: EvalReport) -> Figure:
+    """One model's confusion matrix on the eval set as a shaded 2 x 2 grid, counts written in."""
+    c = report.scores.confusion
+    counts = [[c["tp"], c["fn"]], [c["fp"], c["tn"]]]
+    figure = Figure(figsize=(2.8, 2.4), layout="constrained")
+    axes = figure.subplots()
+    axes.imshow(counts, cmap="Blues", vmin=0, vmax=max(1, max(map(max, counts))))
+    for row, values in enumerate(counts):
+        for column, value in enumerate(values):
+            axes.text(column, row, str(value), ha="center", va="center", fontsize=12,
+                      color="white" if value > max(map(max, counts)) / 2 else "black")
+    axes.set_xticks([0, 1], ["valid", "not valid"])
+    axes.set_yticks([0, 1], ["valid", "not valid"])
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("gold")
+    axes.set_title(report.model)
+    return figure
+
+
 def figure_png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
@@ -72,8 +91,7 @@ def render_evaluation_html(base: EvalReport, tuned: EvalReport, comparison: Mode
         f"<b class='{verdict}'>F1 difference {interval.observed:+.3f}</b>, "
         f"{interval.confidence:.0%} paired bootstrap interval [{interval.low:+.3f}, {interval.high:+.3f}] "
         f"({interval.n_resamples} resamples).</p>",
-        f"<img alt='F1 by template' src='data:image/png;base64,"
-        f"{base64.b64encode(figure_png(evaluation_figure(base, tuned))).decode()}'>",
+        _image("F1 by template", evaluation_figure(base, tuned)),
         "<h3>All sets</h3>",
         _table(
             ["model", "set", *_METRICS, "robustness F1 drop"],
@@ -96,14 +114,19 @@ def render_evaluation_html(base: EvalReport, tuned: EvalReport, comparison: Mode
     parts.append("<h3>Confusion matrices (eval set; unparseable answers count as &quot;not valid&quot;)</h3>")
     for report in (base, tuned):
         c = report.scores.confusion
-        parts.append(
-            _table(
-                [report.model, "predicted valid", "predicted not valid"],
-                [["gold valid", str(c["tp"]), str(c["fn"])], ["gold not valid", str(c["fp"]), str(c["tn"])]],
-            )
+        table = _table(
+            [report.model, "predicted valid", "predicted not valid"],
+            [["gold valid", str(c["tp"]), str(c["fn"])], ["gold not valid", str(c["fp"]), str(c["tn"])]],
         )
+        # The table and its picture side by side: the numbers to quote, the shading to see at a glance.
+        parts.append(f"<div style='display:flex;gap:2em;align-items:center'>{table}"
+                     f"{_image(f'confusion matrix, {report.model}', confusion_figure(report))}</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _image(alt: str, figure: Figure) -> str:
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(figure_png(figure)).decode()}'>"
 
 
 def _sets(report: EvalReport) -> list[tuple[str, Scores]]:

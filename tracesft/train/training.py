@@ -162,8 +162,9 @@ def prepare_training(
         output_dir=str(checkpoints),
         learning_rate=recipe.learning_rate,
         num_train_epochs=recipe.num_train_epochs,
-        gradient_checkpointing=recipe.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # transformers 5's names for the recipe's gradient checkpointing (the old ones warn).
+        activation_checkpointing=recipe.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         optim=optimizer,
         lr_scheduler_type=recipe.lr_scheduler_type,
         warmup_steps=recipe.warmup_steps,
@@ -175,6 +176,7 @@ def prepare_training(
         save_total_limit=2,
         bf16=on_cuda,
         use_cpu=not on_cuda,  # otherwise Trainer moves a cpu run onto any GPU it sees
+        dataloader_pin_memory=on_cuda,  # pinned host memory only speeds copies to a GPU; torch warns without one
         use_liger_kernel=liger,
         liger_kernel_config=LIGER_KERNELS if liger else None,
         completion_only_loss=True,
