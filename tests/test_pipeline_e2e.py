@@ -257,6 +257,42 @@ def test_unchanged_inputs_are_served_from_cache(workspace, unchanged_run):
     assert re.search(r"SFT dataset: \d+ train, \d+ validation records\.", text)
 
 
+def test_the_commands_a_run_points_at_run_as_printed(unchanged_run):
+    """Each "Look next" line of the summary works pasted into a shell: the registry list, ZenML's
+    run list, and the MLflow UI (started, answering on its page, stopped)."""
+    import signal
+    import time
+    import urllib.request
+
+    from tests.registry_support import free_port
+
+    lines = unchanged_run.printed.split("Look next:\n")[1].splitlines()[:3]
+    commands = [line.strip().split("   (then open")[0] for line in lines]
+    assert [c for c in commands if "adapters list" in c] and [c for c in commands if "pipeline runs list" in c]
+    for command in commands:
+        if " ui --backend-store-uri " not in command:
+            done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, (command, done.stderr[-2000:])
+            continue
+        port = free_port()
+        ui = subprocess.Popen(f"{command} --port {port}", shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True, env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        try:
+            for _ in range(120):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as page:
+                        assert page.status == 200
+                        break
+                except OSError:
+                    assert ui.poll() is None, f"{command} exited with {ui.returncode}"
+                    time.sleep(0.5)
+            else:
+                raise AssertionError(f"{command} did not answer within a minute")
+        finally:
+            os.killpg(ui.pid, signal.SIGTERM)
+            ui.wait(timeout=30)
+
+
 def test_a_registry_switch_registers_on_the_new_registry(workspace, switched_registry_run):
     """Everything else cached, the adapter still lands in the registry the run points at."""
     summary = switched_registry_run.summary
