@@ -132,7 +132,16 @@ def switched_registry_run(workspace, unchanged_run) -> Run:
 
 
 @pytest.fixture(scope="module")
-def new_trace_file_run(workspace, unchanged_run) -> Run:
+def fresh_store_run(workspace, tracking_uri, switched_registry_run) -> Run:
+    """The same traces retrained from a fresh ZenML store (nothing cached) into the first registry."""
+    root, config = workspace
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ZENML_CONFIG_PATH", str(root / "another-zenml-store"))
+        return _retrain(config, as_json=False)
+
+
+@pytest.fixture(scope="module")
+def new_trace_file_run(workspace, fresh_store_run) -> Run:
     """Run again after a new trace file landed in a subfolder beside those of the earlier runs."""
     _, config = workspace
     jsonl = next((_traces(config) / "harness-b").glob("*.JSONL"))
@@ -259,7 +268,8 @@ def test_unchanged_inputs_are_served_from_cache(workspace, unchanged_run):
 
 def test_the_commands_a_run_points_at_run_as_printed(unchanged_run):
     """Each "Look next" line of the summary works pasted into a shell: the registry list, ZenML's
-    run list, and the MLflow UI (started, answering on its page, stopped)."""
+    run list, and the MLflow UI (started, answering on its page, stopped); and the README's
+    `adapters show champion` beside them."""
     import signal
     import time
     import urllib.request
@@ -268,7 +278,9 @@ def test_the_commands_a_run_points_at_run_as_printed(unchanged_run):
 
     lines = unchanged_run.printed.split("Look next:\n")[1].splitlines()[:3]
     commands = [line.strip().split("   (then open")[0] for line in lines]
-    assert [c for c in commands if "adapters list" in c] and [c for c in commands if "pipeline runs list" in c]
+    listing = next(c for c in commands if "adapters list" in c)
+    assert [c for c in commands if "pipeline runs list" in c]
+    commands.append(listing.replace("adapters list", "adapters show champion"))  # the README's next step
     for command in commands:
         if " ui --backend-store-uri " not in command:
             done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300)
@@ -291,6 +303,14 @@ def test_the_commands_a_run_points_at_run_as_printed(unchanged_run):
         finally:
             os.killpg(ui.pid, signal.SIGTERM)
             ui.wait(timeout=30)
+
+
+def test_the_same_traces_from_a_fresh_zenml_store_find_the_registered_version(fresh_store_run):
+    """Nothing cached, training run again: the adapter is the same by content, so it is found."""
+    text = fresh_store_run.printed
+    assert "completed, 0 of 12 steps cached." in text
+    assert f"Registry: {MODEL_NAME} version 1 found in the registry (same adapter content)" in text
+    assert [v["version"] for v in fresh_store_run.versions] == ["1"]
 
 
 def test_a_registry_switch_registers_on_the_new_registry(workspace, switched_registry_run):
