@@ -47,7 +47,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from random_32b import qwen2_config  # noqa: E402
+from random_32b import add_model_arguments, qwen2_config, runs_tiny  # noqa: E402
 from train_throughput import benchmark_tokenizer, synchronize, versions, write_random_base  # noqa: E402
 
 from tracesft.config import Device, GrpoSettings, ProblemSettings, RewardSettings, TrainingRecipe  # noqa: E402
@@ -222,20 +222,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=4, help="problems per step")
     parser.add_argument("--generations", type=int, default=8, help="answers per problem")
     parser.add_argument("--completion-length", type=int, default=128, help="tokens per answer at most")
-    parser.add_argument("--layers", type=int, default=64, help="decoder layers of the 32B architecture (64)")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the random base and its 4-bit cache are written (~18 GB; default: a temporary directory)")
+    add_model_arguments(parser)
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse_args()
-    tiny = args.tiny or not torch.cuda.is_available()
-    if tiny and not args.tiny:
-        print("No CUDA device: running the --tiny CPU check instead.")
-    if tiny:
-        torch.set_num_threads(1)  # a 128-wide model gains nothing from threads and suffers on a shared CPU
+    tiny = runs_tiny(args.tiny)
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     unknown = set(backends) - set(BACKENDS)
     if unknown:

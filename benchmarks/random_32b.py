@@ -9,6 +9,8 @@ the same model.
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -109,3 +111,21 @@ def build_seed_model(config: Any, device: torch.device, dtype: torch.dtype, reci
                 parameter.requires_grad_(False)
                 parameter.copy_(torch.randn(parameter.shape, generator=generator, device=device, dtype=torch.float32).to(parameter.dtype) * 0.02)
     return model.eval()
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every training-side GPU benchmark takes: the stack's depth and where its random
+    base (and that base's 4-bit cache) is written."""
+    parser.add_argument("--layers", type=int, default=64, help="decoder layers of the 32B architecture (64)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the random base and its 4-bit cache are written (~18 GB; default: a temporary directory)")
+
+
+def runs_tiny(asked: bool) -> bool:
+    """Whether to run the tiny CPU check: when asked, or when no CUDA device is visible (said so)."""
+    tiny = asked or not torch.cuda.is_available()
+    if tiny and not asked:
+        print("No CUDA device: running the --tiny CPU check instead.")
+    if tiny:
+        torch.set_num_threads(1)  # a 128-wide model gains nothing from threads and suffers on a shared CPU
+    return tiny

@@ -60,7 +60,7 @@ from transformers import AttentionInterface, TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from random_32b import qwen2_config, random_base  # noqa: E402
+from random_32b import add_model_arguments, qwen2_config, random_base, runs_tiny  # noqa: E402
 
 from tracesft.config import Device, TrainingRecipe  # noqa: E402
 from tracesft.data.sample_data import tokenizer_corpus  # noqa: E402
@@ -367,20 +367,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ablations", action="store_true",
                         help="workload (a) only: seed, project, and the project without each of its pieces")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per path and workload")
-    parser.add_argument("--layers", type=int, default=64, help="decoder layers of the 32B architecture (64)")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the random base and its 4-bit cache are written (~18 GB; default: a temporary directory)")
+    add_model_arguments(parser)
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse_args()
-    tiny = args.tiny or not torch.cuda.is_available()
-    if tiny and not args.tiny:
-        print("No CUDA device: running the --tiny CPU check instead.")
-    if tiny:
-        torch.set_num_threads(1)  # a 128-wide model gains nothing from threads and suffers on a shared CPU
+    tiny = runs_tiny(args.tiny)
     paths = (SEED, PROJECT, *ABLATIONS) if args.ablations else (SEED, PROJECT)
     report = run(paths, WORKLOADS[:1] if args.ablations else WORKLOADS, args.steps, tiny, args.layers, args.workdir)
     print_table(report)
