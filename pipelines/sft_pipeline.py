@@ -44,7 +44,8 @@ from tracesft.workspace import ModelSource, WorkspacePath
 
 
 # Each run gets a version of this ZenML model (the Model Control Plane): the register and promote
-# steps log lineage, scores and the gate's decision on it and set its stage. The name follows
+# steps log lineage, scores and the gate's decision on it as what that run did (who is champion
+# only the MLflow alias says: ZenML's version numbers cannot follow MLflow's). The name follows
 # `registry.model_name`: `pipelines.run` passes it, and a run configuration's `model:` sets it
 # for `zenml pipeline run`.
 @pipeline(enable_cache=True, model=Model(name=RegistrySettings().model_name))

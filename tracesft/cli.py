@@ -177,8 +177,6 @@ def _registry_of(args: argparse.Namespace) -> RegistrySettings:
     """The registry an `adapters` command reads, which must exist already."""
     from tracesft.train.tracking import existing_tracking_uri
 
-    if args.config is None:
-        use_workspace_zenml_store()  # promote and rollback move the ZenML stage of the demo's runs
     settings = load_run_config(args.config).registry
     existing_tracking_uri(settings)
     return settings
