@@ -16,9 +16,18 @@ optimizer step; 1 GPU accumulates them, 2 GPUs split them) repeated every step w
 rate high enough (1e-3) that the loss visibly falls; 1 and 2 GPUs must give the same curve
 within bf16 noise (`--loss-rtol`).
 
-GPU (2 GPUs, <= 8 minutes):  python benchmarks/multi_gpu.py
-CPU debugging (gloo, tiny Qwen2, ddp only):  python benchmarks/multi_gpu.py --tiny
-Writes benchmarks/results/multi_gpu.json (multi_gpu_tiny.json with --tiny) and prints a table.
+Adapter save (`--save-check`): each strategy trains 2 optimizer steps on 2 GPUs and saves its
+adapter through the training step's own save (`tracesft.train.adapter.save_prepared_adapter`),
+recording the save's time, peak GPU memory per rank and rank 0's host-memory high-water mark
+(the FSDP save summons parameters into rank 0's CPU memory; on the 32B the 4-bit base is ~18 GB),
+the adapter's size and tensor count. The adapter is then reloaded on one GPU on the same random
+base, and its loss on a fixed batch must equal the loss rank 0 computed on it just before saving;
+and DDP's and FSDP's adapters must have the same files and tensor names and shapes.
+
+GPU (2 GPUs, <= 8 minutes each):  python benchmarks/multi_gpu.py   |   python benchmarks/multi_gpu.py --save-check
+CPU debugging (gloo, tiny Qwen2, ddp only):  add --tiny
+Writes benchmarks/results/multi_gpu.json (fsdp_save.json with --save-check; *_tiny.json with --tiny)
+and prints a table.
 """
 
 from __future__ import annotations
@@ -57,20 +66,28 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--loss-rtol", type=float, default=0.02, help="largest relative loss gap that still matches")
     parser.add_argument("--run-timeout", type=int, default=150, help="seconds one launch may take")
+    parser.add_argument("--save-check", action="store_true",
+                        help="measure the adapter save of each strategy on 2 GPUs and reload it on one (see above)")
     parser.add_argument("--out", type=Path, default=None)
     # Internal: one rank of one run.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--save-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.seq = args.seq or (128 if args.tiny else 4096)
+    if args.save_check and args.steps == parser.get_default("steps"):
+        args.steps = 2  # the save is measured, not the training: two optimizer steps move the adapter off zero
     if args.worker:
         worker(args)
+    elif args.save_check:
+        save_check(args)
     else:
         benchmark(args)
 
 
-def benchmark(args: argparse.Namespace) -> None:
+def machine(args: argparse.Namespace) -> tuple[bool, str, list[str]]:
+    """(CPU or not, the device's name, the strategies to run), or exit when this machine cannot run it."""
     import torch
 
     use_cpu = args.tiny or not torch.cuda.is_available()
@@ -79,7 +96,13 @@ def benchmark(args: argparse.Namespace) -> None:
     if not use_cpu and torch.cuda.device_count() < 2:
         sys.exit(f"Needs 2 GPUs, this machine shows {torch.cuda.device_count()}.")
     strategies = args.strategies or (["ddp"] if use_cpu else ["ddp", "fsdp_qlora"])
-    device = "CPU (gloo)" if use_cpu else torch.cuda.get_device_name(0)
+    return use_cpu, "CPU (gloo)" if use_cpu else torch.cuda.get_device_name(0), strategies
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    import torch
+
+    use_cpu, device, strategies = machine(args)
     started = time.time()
     runs = []
     for strategy in strategies:
@@ -109,12 +132,13 @@ def benchmark(args: argparse.Namespace) -> None:
         "device": device,
         "gpus": 1 if use_cpu else torch.cuda.device_count(),
         "date": datetime.date.today().isoformat(),
-        "model": "tiny Qwen2 (hidden 128, 2 layers)" if args.tiny else "DeepSeek-R1-Distill-Qwen-32B architecture, random NF4 weights",
+        "model": model_name(args.tiny),
         "seq": args.seq,
         "global_batch": args.global_batch,
         "steps": args.steps,
         "wall_s": round(time.time() - started, 1),
         "versions": versions(),
+        **headline(rows),
         "rows": rows,
     }
     out = args.out or RESULTS / ("multi_gpu_tiny.json" if args.tiny else "multi_gpu.json")
@@ -124,14 +148,23 @@ def benchmark(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def launch(args: argparse.Namespace, strategy: str, gpus: int, use_cpu: bool) -> dict:
+def headline(rows: list[dict]) -> dict:
+    """The answer in one line, as its issue asked: the faster strategy on 2 GPUs, its scaling over
+    1 GPU, and whether every run's loss curve matched its 1-GPU run."""
+    measured = [row for row in rows if row["gpus"] > 1 and not row["error"]]
+    best = max(measured, key=lambda row: row["tokens_per_s"], default=None)
+    return {"strategy": best and best["strategy"], "scaling": best and best["scaling"],
+            "loss_match": all(row["loss_match"] for row in rows) if rows and not any(row["error"] for row in rows) else None}
+
+
+def launch(args: argparse.Namespace, strategy: str, gpus: int, use_cpu: bool, extra: list[str] = ()) -> dict:
     """One run: `gpus` ranks through the step's own launch command; rank 0's result."""
     with tempfile.TemporaryDirectory(prefix="multi-gpu-bench-") as scratch:
         result = Path(scratch) / "result.json"
         command = launch_command(DistributedSettings(num_processes=gpus, strategy=strategy), use_cpu) + [
             str(Path(__file__).resolve()), "--worker", "--strategy", strategy, "--result", str(result),
             "--seq", str(args.seq), "--global-batch", str(args.global_batch), "--steps", str(args.steps),
-            "--learning-rate", str(args.learning_rate),
+            "--learning-rate", str(args.learning_rate), *extra,
         ] + (["--tiny"] if args.tiny else [])
         log = Path(scratch) / "log.txt"
         try:
@@ -166,13 +199,7 @@ def worker(args: argparse.Namespace) -> None:
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    config = qwen2_config(args.tiny)
-    # Every rank seeds the same generator, so all ranks build identical weights (DDP and FSDP
-    # broadcast parameters from rank 0, but not the 4-bit quantisation statistics). NF4 as the
-    # recipe's loader quantises for this strategy (bf16 storage for FSDP).
-    model = random_base(config, accelerator.device, torch.float32 if args.tiny else torch.bfloat16,
-                        None if args.tiny else quantization_config(recipe, "cuda"),
-                        torch.Generator(device=accelerator.device).manual_seed(0))
+    config, model = build_base(args.tiny, args.strategy, accelerator.device)
     load_s = time.time() - t0
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -229,14 +256,175 @@ def worker(args: argparse.Namespace) -> None:
     step_s = statistics.median(timed)
     peak = torch.cuda.max_memory_allocated() / 2**30 if accelerator.device.type == "cuda" else 0.0
     peak = accelerator.reduce(torch.tensor([peak], device=accelerator.device), "max").item()
+    saved = {}
+    if args.save_dir:
+        # Where the training step's workers write: rank 0 into the folder, the others beside it.
+        save_dir = args.save_dir if accelerator.is_main_process else args.save_dir.parent / f"{args.save_dir.name}-rank-{rank}"
+        saved = measure_save(accelerator, model, batch[:1].to(accelerator.device), save_dir, fsdp)
     if accelerator.is_main_process:
         args.result.write_text(json.dumps({
             "strategy": args.strategy, "gpus": world, "tokens_per_s": round(args.global_batch * args.seq / step_s, 1),
             "step_s": round(step_s, 3), "peak_gib": round(peak, 2), "load_s": round(load_s, 1),
-            "losses": [round(x, 5) for x in losses],
+            "losses": [round(x, 5) for x in losses], **saved,
         }))
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def build_base(tiny: bool, strategy: str, device) -> tuple:
+    """(config, random base) exactly as a worker of `strategy` builds it, so that a reload on one
+    GPU sees the base the adapter was trained on.
+
+    Every rank seeds the same generator, so all ranks build identical weights (DDP and FSDP
+    broadcast parameters from rank 0, but not the 4-bit quantisation statistics). NF4 as the
+    recipe's loader quantises for this strategy (bf16 storage for FSDP).
+    """
+    import torch
+
+    recipe = TrainingRecipe(distributed=DistributedSettings(num_processes=2, strategy=strategy))
+    config = qwen2_config(tiny)
+    model = random_base(config, device, torch.float32 if tiny else torch.bfloat16,
+                        None if tiny else quantization_config(recipe, "cuda"),
+                        torch.Generator(device=device).manual_seed(0))
+    return config, model
+
+
+def fixed_batch_loss(model, ids, autocast) -> float:
+    """Loss on `ids` with dropout off: what a saved adapter must reproduce after reloading."""
+    import torch
+
+    model.eval()
+    with torch.no_grad(), autocast:
+        return model(input_ids=ids, labels=ids).loss.float().item()
+
+
+def measure_save(accelerator, model, ids, save_dir: Path, fsdp: bool) -> dict:
+    """Rank 0's loss on `ids`, then the training step's adapter save, timed, with each rank's peak
+    GPU memory and rank 0's host-memory high-water mark (`ru_maxrss`) before and after it.
+
+    The high-water mark only moves when the save exceeds everything before it, so its growth is
+    a lower bound of what the save took; the rise of the current RSS says the same from below.
+    """
+    import torch
+
+    from tracesft.train.adapter import save_prepared_adapter
+
+    loss = fixed_batch_loss(model, ids, accelerator.autocast())  # every rank: an FSDP forward is collective
+    cuda = accelerator.device.type == "cuda"
+    synchronize(accelerator)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    accelerator.wait_for_everyone()
+    rss_before, max_rss_before = host_memory_gib()
+    start = time.time()
+    save_prepared_adapter(accelerator, model, save_dir, fsdp=fsdp)
+    synchronize(accelerator)
+    save_s = time.time() - start
+    rss_after, max_rss_after = host_memory_gib()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    peaks = accelerator.gather(torch.tensor([peak], device=accelerator.device)).tolist()
+    return {"loss_before_save": round(loss, 5), "save_s": round(save_s, 2),
+            "save_peak_gpu_gib_per_rank": [round(x, 2) for x in peaks],
+            "rank0_rss_gib_before_after": [round(rss_before, 2), round(rss_after, 2)],
+            "rank0_max_rss_gib_before_after": [round(max_rss_before, 2), round(max_rss_after, 2)]}
+
+
+def host_memory_gib() -> tuple[float, float]:
+    """(current RSS, high-water RSS) of this process in GiB (Linux: /proc and `ru_maxrss` in KiB)."""
+    import resource
+
+    current = next((int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmRSS:")), 0)
+    return current / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def save_check(args: argparse.Namespace) -> None:
+    """Train and save each strategy's adapter on 2 GPUs, reload it on one, compare the formats."""
+    use_cpu, device, strategies = machine(args)
+    started = time.time()
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="fsdp-save-") as scratch:
+        for strategy in strategies:
+            save_dir = Path(scratch) / strategy
+            run = launch(args, strategy, 2, use_cpu, ["--save-dir", str(save_dir)])
+            if "error" not in run:
+                run |= adapter_facts(save_dir)
+                run["reloaded_loss"] = round(reloaded_loss(args, strategy, save_dir, use_cpu), 5)
+                gap = abs(run["reloaded_loss"] - run["loss_before_save"]) / abs(run["loss_before_save"])
+                run["loss_match"], run["loss_rel_gap"] = gap <= args.loss_rtol, round(gap, 6)
+            runs[strategy] = run
+            print(json.dumps({key: value for key, value in run.items() if key != "tensors"}), flush=True)
+    saved = [run for run in runs.values() if "error" not in run]
+    same = (lambda key: all(run[key] == saved[0][key] for run in saved) if len(saved) > 1 else None)
+    report = {
+        "device": device, "gpus": 2, "date": datetime.date.today().isoformat(),
+        "model": model_name(args.tiny), "seq": args.seq, "global_batch": args.global_batch, "steps": args.steps,
+        "wall_s": round(time.time() - started, 1), "versions": versions(),
+        "loss_match": all(run.get("loss_match") for run in runs.values()),
+        "same_files": same("files"), "same_tensors": same("tensors"),
+        "runs": {name: {key: value for key, value in run.items() if key != "tensors"} for name, run in runs.items()},
+    }
+    out = args.out or RESULTS / ("fsdp_save_tiny.json" if args.tiny else "fsdp_save.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print_save_table(report)
+    print(f"wrote {out}")
+
+
+def adapter_facts(adapter_dir: Path) -> dict:
+    """What a saved adapter holds: its files, size, and each tensor's name, dtype and shape."""
+    from safetensors import safe_open
+
+    files = sorted(p for p in adapter_dir.rglob("*") if p.is_file())
+    tensors = {}
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as weights:
+        for name in weights.keys():
+            piece = weights.get_slice(name)
+            tensors[name] = [piece.get_dtype(), list(piece.get_shape())]
+    return {"files": [str(p.relative_to(adapter_dir)) for p in files],
+            "adapter_mib": round(sum(p.stat().st_size for p in files) / 2**20, 2),
+            "tensor_count": len(tensors), "tensor_dtypes": sorted({dtype for dtype, _ in tensors.values()}),
+            "tensors": {name: shape for name, (_, shape) in tensors.items()}}
+
+
+def reloaded_loss(args: argparse.Namespace, strategy: str, adapter_dir: Path, use_cpu: bool) -> float:
+    """The saved adapter on the same random base in this one process (one GPU): its fixed-batch loss."""
+    import gc
+
+    import torch
+    from peft import PeftModel
+
+    device = torch.device("cpu" if use_cpu else "cuda:0")
+    config, base = build_base(args.tiny, strategy, device)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    generator = torch.Generator().manual_seed(1234)  # the worker's global batch; its first sequence
+    ids = torch.randint(0, config.vocab_size, (args.global_batch, args.seq), generator=generator)[:1].to(device)
+    autocast = contextlib.nullcontext() if use_cpu else torch.autocast("cuda", dtype=torch.bfloat16)
+    loss = fixed_batch_loss(model, ids, autocast)
+    del model, base
+    gc.collect()
+    if not use_cpu:
+        torch.cuda.empty_cache()
+    return loss
+
+
+def model_name(tiny: bool) -> str:
+    return "tiny Qwen2 (hidden 128, 2 layers)" if tiny else "DeepSeek-R1-Distill-Qwen-32B architecture, random NF4 weights"
+
+
+def print_save_table(report: dict) -> None:
+    print(f"\nAdapter save after {report['steps']} steps on 2 ranks, {report['model']}, on {report['device']}")
+    print(f"{'strategy':<11} {'save s':>7} {'GPU GiB/rank':>14} {'rank0 RSS GiB':>14} {'max RSS GiB':>12} "
+          f"{'MiB':>7} {'tensors':>7} {'loss before':>11} {'reloaded':>9} {'match':>5}")
+    for name, run in report["runs"].items():
+        if "error" in run:
+            print(f"{name:<11}  error: {run['error']}")
+            continue
+        print(f"{name:<11} {run['save_s']:>7.2f} {'/'.join(map(str, run['save_peak_gpu_gib_per_rank'])):>14} "
+              f"{'->'.join(map(str, run['rank0_rss_gib_before_after'])):>14} "
+              f"{'->'.join(map(str, run['rank0_max_rss_gib_before_after'])):>12} {run['adapter_mib']:>7.1f} "
+              f"{run['tensor_count']:>7} {run['loss_before_save']:>11.5f} {run['reloaded_loss']:>9.5f} {str(run['loss_match']):>5}")
+    print(f"same files: {report['same_files']}, same tensor names and shapes: {report['same_tensors']}")
 
 
 def synchronize(accelerator) -> None:

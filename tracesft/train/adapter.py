@@ -74,19 +74,26 @@ def write_metadata(path: Path, metadata: dict[str, Any]) -> LoraAdapter:
 
 
 def save_adapter(trainer: Any, adapter_dir: Path) -> None:
-    """Write the trained LoRA weights to `adapter_dir`, from whatever holds them.
+    """Write the trained LoRA weights a Trainer holds to `adapter_dir` (see `save_prepared_adapter`)."""
+    save_prepared_adapter(trainer.accelerator, trainer.model_wrapped, adapter_dir,
+                          fsdp=getattr(trainer, "is_fsdp_enabled", False))
 
-    Under FSDP each rank holds a shard. FSDP-QLoRA's gathered state dict leaves the LoRA weights
-    out (on 2 GPUs it held the base's 55 tensors and no adapter), so the full parameters are
-    summoned instead, into rank 0's CPU memory, and rank 0 writes the LoRA ones. Otherwise (one
-    process, or DDP where each rank holds the whole model) the model saves itself.
+
+def save_prepared_adapter(accelerator: Any, prepared_model: Any, adapter_dir: Path, fsdp: bool) -> None:
+    """Write the trained LoRA weights of an `accelerator.prepare`d PEFT model to `adapter_dir`.
+
+    Takes the accelerator and the prepared model rather than a Trainer so that a benchmark
+    training with accelerate directly measures this very save. Under FSDP each rank holds a
+    shard. FSDP-QLoRA's gathered state dict leaves the LoRA weights out (on 2 GPUs it held the
+    base's 55 tensors and no adapter), so the full parameters are summoned instead, into rank 0's
+    CPU memory, and rank 0 writes the LoRA ones. Otherwise (one process, or DDP where each rank
+    holds the whole model) the model saves itself.
     """
-    if getattr(trainer, "is_fsdp_enabled", False):
+    model = accelerator.unwrap_model(prepared_model)
+    if fsdp:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        accelerator = trainer.accelerator
-        model = accelerator.unwrap_model(trainer.model)
-        with FullyShardedDataParallel.summon_full_params(trainer.model_wrapped, writeback=False, rank0_only=True, offload_to_cpu=True):
+        with FullyShardedDataParallel.summon_full_params(prepared_model, writeback=False, rank0_only=True, offload_to_cpu=True):
             if accelerator.is_main_process:
                 weights = {_without_wrapper_names(name): parameter.detach().cpu().clone()
                            for name, parameter in model.named_parameters() if "lora_" in name}
@@ -95,7 +102,7 @@ def save_adapter(trainer: Any, adapter_dir: Path) -> None:
                 _write_adapter(model, weights, Path(adapter_dir))
         accelerator.wait_for_everyone()
     else:
-        trainer.model.save_pretrained(adapter_dir)
+        model.save_pretrained(adapter_dir)
 
 
 def _write_adapter(model: Any, weights: dict[str, Any], adapter_dir: Path) -> None:
