@@ -421,13 +421,19 @@ class Engine:
     def _grow_or_preempt(self) -> None:
         """Give every request's run room for the position its next token goes to; where the pool
         has none, preempt the most recently admitted request (recomputed when readmitted)."""
-        for request in sorted(self._active, key=lambda r: r.admitted):
+        order = sorted(self._active, key=lambda r: r.admitted)  # a victim is always the last of it
+        position = 0
+        while position < len(order):
+            request = order[position]
             needed = self._blocks_for(request.last_position + 1)
-            while request in self._active and needed > request.capacity and not self._grow(request, needed):
-                victim = max(self._active, key=lambda r: r.admitted)
+            while needed > request.capacity and not self._grow(request, needed):
+                victim = order.pop()
                 self._release(victim)
                 self._queue.appendleft((victim.index, victim.tokens))
                 self.stats.preemptions += 1
+                if victim is request:
+                    break
+            position += 1
 
     def _grow(self, request: _Request, needed: int) -> bool:
         """Grow `request`'s run to at least `needed` blocks (plus growth room where it fits): in
