@@ -57,6 +57,7 @@ def main() -> None:
             where = f"{args.registered} (version {version})"
         deviations = {dtype: merged_deviation(adapter, "cuda", args.base_model, DTYPES[dtype]) for dtype in args.dtypes.split(",")}
     result = {"date": date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "adapter": where,
+              "measured_path": f"{merged_deviation.__module__}.{merged_deviation.__name__}",
               "base_model": args.base_model or adapter.metadata.get("base_model"), "prompts": len(fixed_queries()),
               "bound": bound, "deviation": deviations, "within_bound": {d: v <= bound for d, v in deviations.items()}}
     print(json.dumps(result, indent=2))

@@ -358,6 +358,7 @@ def save_check(args: argparse.Namespace) -> None:
     same = (lambda key: all(run[key] == saved[0][key] for run in saved) if len(saved) > 1 else None)
     report = {
         "device": device, "gpus": 2, "date": datetime.date.today().isoformat(),
+        "measured_path": "tracesft.train.adapter.save_prepared_adapter",
         "model": model_name(args.tiny), "seq": args.seq, "global_batch": args.global_batch, "steps": args.steps,
         "wall_s": round(time.time() - started, 1), "versions": versions(),
         "loss_match": all(run.get("loss_match") for run in runs.values()),
