@@ -167,12 +167,16 @@ def launch(args: argparse.Namespace, strategy: str, gpus: int, use_cpu: bool, ex
             "--learning-rate", str(args.learning_rate), *extra,
         ] + (["--tiny"] if args.tiny else [])
         log = Path(scratch) / "log.txt"
+        print(f"{strategy} on {gpus} {'processes' if use_cpu else 'GPUs'}: launching (at most {args.run_timeout} s)",
+              file=sys.stderr, flush=True)
+        started = time.time()
         try:
             with log.open("w") as handle:
                 code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=worker_environment(use_cpu),
                                       timeout=args.run_timeout).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
+        print(f"{strategy} on {gpus}: exit {code} after {time.time() - started:.0f} s", file=sys.stderr, flush=True)
         if code != 0 or not result.exists():
             tail = log.read_text(errors="replace").splitlines()[-25:]
             print("\n".join(tail), file=sys.stderr)

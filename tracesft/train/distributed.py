@@ -150,7 +150,8 @@ def launch_command(settings: DistributedSettings, use_cpu: bool) -> list[str]:
     if use_cpu:
         # accelerate's own `--cpu` launch of several processes needs MPI; torch.distributed.run
         # (the multi-GPU launcher) with ACCELERATE_USE_CPU (see `worker_environment`) gives gloo.
-        command += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // settings.num_processes))]
+        # Threads split the cores this process may run on (a container's CPU set, not the host's count).
+        command += ["--num_cpu_threads_per_process", str(max(1, len(os.sched_getaffinity(0)) // settings.num_processes))]
     if settings.strategy == "ddp" and settings.num_processes > 1:
         command += ["--multi_gpu"]
     if settings.strategy == "fsdp_qlora":
