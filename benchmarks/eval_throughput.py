@@ -141,12 +141,14 @@ def engine_run(model: nn.Module, prompts: list[list[int]], answers: list[int], s
         torch.cuda.reset_peak_memory_stats()
     synchronize(device)
     start = time.perf_counter()
-    _, concurrency = generate_all(prompts, engine_decoder(model, _NoText(), settings), settings.batch_size, answers)
+    engines: list[dict[str, Any]] = []
+    _, concurrency = generate_all(prompts, engine_decoder(model, _NoText(), settings, engines.append), settings.batch_size, answers)
     synchronize(device)
     seconds = time.perf_counter() - start
     return {"requests": len(prompts), "generated_tokens": sum(answers), "seconds": round(seconds, 1),
             "tokens_per_s": round(sum(answers) / seconds, 1), "concurrency": concurrency,
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+            "engine_stats": engines}
 
 
 def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -267,6 +269,11 @@ def print_table(result: dict[str, Any]) -> None:
     speedup = f"{result['speedup']:.2f}x" if result["speedup"] else "-"
     print(f"{'engine: ' + result['weights'] + ', continuous batching':<58} {result['tokens_per_s']:>9.1f} {speedup:>8} "
           f"{result['split_minutes']:>9} {result['peak_gib'] or '-':>8}")
+    for stats in result["project"]["engine_stats"]:
+        print(f"engine run {stats['run_s']} s: prefill {stats['prefill_s']} s ({stats['prefill_tokens']} tokens), "
+              f"decode {stats['decode_s']} s in {stats['steps']} steps (mean {stats['mean_busy_rows']} busy rows), "
+              f"tail {stats['tail_s']} s in {stats['tail_steps']} steps, scheduling {stats['scheduling_s']} s; "
+              f"ms per step by rows {stats['step_ms_by_rows']}")
     errors = ", ".join(f"{name} {error:.2e}" for name, error in result["logits_relative_error"].items())
     print(f"logits relative error vs seed path: {errors} (tolerance {LOGITS_TOLERANCE}); seed against itself "
           f"{result['seed_vs_itself_relative_error']:.2e}; outputs_match: {result['outputs_match']}")

@@ -161,3 +161,19 @@ def test_an_interrupted_evaluation_resumes_from_the_cache_with_the_same_outputs(
 
     outputs, _ = generate_all(prompts, counting, 3, 16, keys=keys, cache=cache)
     assert resumed == [3] and outputs == expected
+
+
+def test_stats_account_for_every_step_row_and_second(tiny) -> None:
+    """The figures a benchmark reads to say what binds: steps by captured row count, busy rows,
+    the tail after the queue emptied, and the run's time split into prefill, decode and the rest."""
+    model, tokenizer = tiny
+    prompts, limits = _requests(model.config.vocab_size, count=12, seed=3)
+    engine = Engine(model, 4, max(len(p) + n for p, n in zip(prompts, limits)))
+    _run(engine, prompts, limits, list(range(len(prompts))), stop=[])  # no stop token: every answer runs to its limit
+    stats, summary = engine.stats, engine.stats.summary()
+    assert sum(stats.steps_by_rows.values()) == stats.steps and set(stats.steps_by_rows) <= set(engine.buckets)
+    assert stats.busy_rows == sum(limits) - len(prompts)  # each answer's first token comes from its prefill
+    assert stats.prefill_tokens == sum(map(len, prompts)) and stats.prefill_calls >= 3  # 12 requests through 4 rows
+    assert 0 < stats.tail_steps < stats.steps and 0 < stats.tail_s < stats.decode_s
+    assert 0 < stats.prefill_s + stats.decode_s <= stats.run_s and summary["scheduling_s"] >= 0
+    assert summary["mean_busy_rows"] == round(stats.busy_rows / stats.steps, 1) <= 4

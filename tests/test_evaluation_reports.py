@@ -38,10 +38,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", tokenizer_corpus())
 
 
-def _random_lora(model: nn.Module, seed: int = 0) -> nn.Module:
+def _random_lora(model: nn.Module, seed: int = 0, lora_alpha: int = 8) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=lora_alpha, target_modules=["q_proj", "v_proj", "down_proj"]))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
@@ -53,8 +53,9 @@ def _random_lora(model: nn.Module, seed: int = 0) -> nn.Module:
 # --- fast inference --------------------------------------------------------------------------
 
 
-def test_fast_inference_keeps_the_function_of_a_lora_model(model_dir: Path) -> None:
-    model = _random_lora(load_base_model(str(model_dir), TrainingRecipe(), "cpu"))
+@pytest.mark.parametrize("lora_alpha", [8, 12])  # scaling 2 (folded into lora_B) and 3 (applied as PEFT does)
+def test_fast_inference_keeps_the_function_of_a_lora_model(model_dir: Path, lora_alpha: int) -> None:
+    model = _random_lora(load_base_model(str(model_dir), TrainingRecipe(), "cpu"), lora_alpha=lora_alpha)
     ids = torch.randint(5, 500, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         before = model(input_ids=ids).logits

@@ -135,8 +135,13 @@ def stop_tokens(model: Any, tokenizer: Any) -> list[int]:
     return ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
 
-def engine_decoder(model: Any, tokenizer: Any, settings: EvalSettings) -> Decoder:
-    """Continuous batching (`tracesft.generate.engine`) with a KV cache planned by `plan_cache`."""
+def engine_decoder(model: Any, tokenizer: Any, settings: EvalSettings,
+                   on_stats: Callable[[dict[str, Any]], None] | None = None) -> Decoder:
+    """Continuous batching (`tracesft.generate.engine`) with a KV cache planned by `plan_cache`.
+
+    Each engine's `EngineStats.summary()` is logged and, with `on_stats`, handed over (one per
+    engine: a restart at a smaller concurrency after running out of memory is another engine).
+    """
     from tracesft.generate.engine import Engine, Sampling
 
     stop = stop_tokens(model, tokenizer)
@@ -153,7 +158,10 @@ def engine_decoder(model: Any, tokenizer: Any, settings: EvalSettings) -> Decode
         engine = Engine(model, plan.rows, max_len, blocks=plan.blocks)
         engine.run(prompts, limits, lambda i, ids: finished(i, tokenizer.decode(ids, skip_special_tokens=True)),
                    stop_tokens=stop, sampling=sampling)
-        logger.info("engine: %s", engine.stats)
+        summary = engine.stats.summary()
+        logger.info("engine: %s", summary)
+        if on_stats is not None:
+            on_stats(summary)
 
     return decode
 

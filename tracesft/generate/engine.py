@@ -44,9 +44,10 @@ import gc
 import logging
 import math
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -124,12 +125,43 @@ class _Request:
 
 @dataclass
 class EngineStats:
+    """What a run did and where its wall time went, so a benchmark can say what binds.
+
+    Times are wall seconds measured where the host waits for the device anyway (reading the
+    picked tokens), so they need no extra synchronisation. `tail_*` counts the steps after the
+    queue emptied: the last answers finishing at falling occupancy.
+    """
+
     steps: int = 0
     prefill_calls: int = 0
     preemptions: int = 0
     moves: int = 0  # runs copied elsewhere to grow
     compactions: int = 0
     peak_active: int = 0
+    busy_rows: int = 0  # sum over steps of the rows decoding a request
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0  # step inputs, the step, picking the tokens
+    run_s: float = 0.0
+    tail_steps: int = 0
+    tail_s: float = 0.0
+    steps_by_rows: dict[int, int] = field(default_factory=dict)  # captured row count -> steps
+    decode_s_by_rows: dict[int, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """The figures that explain a run's throughput, rounded for a report."""
+        return {
+            "steps": self.steps, "mean_busy_rows": round(self.busy_rows / max(self.steps, 1), 1),
+            "prefill_calls": self.prefill_calls, "prefill_tokens": self.prefill_tokens,
+            "run_s": round(self.run_s, 2), "prefill_s": round(self.prefill_s, 2), "decode_s": round(self.decode_s, 2),
+            "scheduling_s": round(self.run_s - self.prefill_s - self.decode_s, 2),
+            "tail_steps": self.tail_steps, "tail_s": round(self.tail_s, 2),
+            "step_ms_by_rows": {rows: round(self.decode_s_by_rows[rows] / count * 1000, 2)
+                                for rows, count in sorted(self.steps_by_rows.items())},
+            "steps_by_rows": dict(sorted(self.steps_by_rows.items())),
+            "preemptions": self.preemptions, "moves": self.moves, "compactions": self.compactions,
+            "peak_active": self.peak_active,
+        }
 
 
 def head_dim(config: Any) -> int:
@@ -286,7 +318,7 @@ class Engine:
     # ---- the decode step as CUDA graphs, one per row count ------------------------------------
     def _decode(self, active: int) -> torch.Tensor:
         """Logits of the first `active` rows, computed at the smallest bucket that holds them."""
-        rows = next(size for size in self.buckets if size >= active)
+        rows = self._bucket(active)
         if not self.use_graphs:
             return self._decode_logits(rows)[:active]
         if rows not in self.graphs:
@@ -294,6 +326,10 @@ class Engine:
         graph, logits = self.graphs[rows]
         graph.replay()
         return logits[:active]
+
+    def _bucket(self, active: int) -> int:
+        """The smallest captured row count that holds `active` rows."""
+        return next(size for size in self.buckets if size >= active)
 
     def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (as torch's CUDA-graph guide says), then capture one step.
@@ -340,6 +376,8 @@ class Engine:
         self._admissions = 0
         refill_at = max(1, int(self.slots * REFILL_FRACTION))
 
+        stats = self.stats
+        run_started = time.perf_counter()
         with torch.inference_mode():
             while self._queue or self._active:
                 free_rows = self.slots - len(self._active)
@@ -350,14 +388,26 @@ class Engine:
                 self._grow_or_preempt()
                 if not self._active:
                     continue
+                step_started = time.perf_counter()
                 self._set_step_inputs()
-                picked = self._sampling.pick(self._decode(len(self._active))).tolist()
-                self.stats.steps += 1
-                self.stats.peak_active = max(self.stats.peak_active, len(self._active))
+                active = len(self._active)
+                rows = self._bucket(active)
+                picked = self._sampling.pick(self._decode(active)).tolist()
+                step_s = time.perf_counter() - step_started
+                stats.steps += 1
+                stats.busy_rows += active
+                stats.peak_active = max(stats.peak_active, active)
+                stats.decode_s += step_s
+                stats.steps_by_rows[rows] = stats.steps_by_rows.get(rows, 0) + 1
+                stats.decode_s_by_rows[rows] = stats.decode_s_by_rows.get(rows, 0.0) + step_s
+                if not self._queue:
+                    stats.tail_steps += 1
+                    stats.tail_s += step_s
                 for request, token in zip(list(self._active), picked):
                     request.tokens.append(token)
                     if token in self._stop or len(request.tokens) >= request.limit:
                         self._end(request)
+        stats.run_s += time.perf_counter() - run_started
 
     def _end(self, request: _Request) -> None:
         self._finished(request.index, request.tokens)
@@ -410,8 +460,11 @@ class Engine:
                     )
                 return
             contexts = [list(self._prompts[r.index]) + r.tokens for r in batch]
+            started = time.perf_counter()
             first = self._sampling.pick(self._prefill_logits(contexts, [r.start for r in batch])).tolist()
+            self.stats.prefill_s += time.perf_counter() - started
             self.stats.prefill_calls += 1
+            self.stats.prefill_tokens += sum(map(len, contexts))
             for request, token in zip(batch, first):
                 self._active.append(request)
                 request.tokens = [*request.tokens, token]
