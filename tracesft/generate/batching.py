@@ -159,7 +159,9 @@ def engine_decoder(model: Any, tokenizer: Any, settings: EvalSettings,
         engine.run(prompts, limits, lambda i, ids: finished(i, tokenizer.decode(ids, skip_special_tokens=True)),
                    stop_tokens=stop, sampling=sampling)
         summary = engine.stats.summary()
-        logger.info("engine: %s", summary)
+        logger.info("decoded in %.1f s: %d steps, %.1f of %d rows busy on average, prefill %.1f s, %d preempted",
+                    summary["run_s"], summary["steps"], summary["mean_busy_rows"], plan.rows, summary["prefill_s"],
+                    summary["preemptions"])
         if on_stats is not None:
             on_stats(summary)
 
