@@ -9,6 +9,9 @@ its decoding form (`for_decoding`: the 4-bit layers dequantised once, LoRA unmer
 - the engine's logits (FlashAttention over the KV pool) match HF's forward on the same
   weights within bf16 rounding, and its greedy answers match HF `generate` one prompt at a time
   on nearly every token (bf16 kernels of different attention implementations can flip a near-tie).
+The same tiny model kept in NF4 under PEFT's LoRA layers (GRPO's policy; the NF4 path of 80 GB
+cards): the captured step gives the eager step's tokens, and GRPO's `engine_rollout` samples
+through the engine, reproducibly, leaving the policy in training mode.
 """
 
 from __future__ import annotations
@@ -103,3 +106,50 @@ def test_a_small_kv_pool_preempts_and_recomputes(model) -> None:
     assert engine.stats.preemptions and engine.stats.moves
     assert all(len(tight[i]) == limits[i] for i in range(8))
     assert sum(_agreement(roomy[i], tight[i]) for i in range(8)) >= 0.9 * sum(limits)
+
+
+@pytest.fixture(scope="module")
+def nf4_policy(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny model as GRPO's policy (and the 80 GB cards' decoding) holds it: NF4 layers under
+    PEFT's LoRA layers, nothing dequantised, with the tokenizer."""
+    from peft import LoraConfig, get_peft_model
+
+    from tracesft.train.modeling import load_tokenizer
+
+    directory = build_tiny_model(tmp_path_factory.mktemp("tiny-nf4") / "model", tokenizer_corpus())
+    policy = get_peft_model(load_base_model(str(directory), TrainingRecipe(), "cuda"),
+                            LoraConfig(r=4, lora_alpha=8, target_modules=TrainingRecipe().target_modules))
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    return policy.eval(), load_tokenizer(str(directory))
+
+
+def test_nf4_layers_under_peft_decode_as_a_cuda_graph_as_they_do_eagerly(nf4_policy) -> None:
+    """bitsandbytes' 4-bit products and PEFT's LoRA layers inside the captured step (GRPO's
+    rollouts, the NF4 path of 80 GB cards) give the eager step's tokens."""
+    policy, _ = nf4_policy
+    decoder = policy.get_base_model()
+    assert any(type(m).__name__ == "Linear4bit" for m in decoder.modules())
+    prompts, limits = _requests(decoder.config.vocab_size)
+    assert _run(Engine(decoder, 5, 128, cuda_graphs=True), prompts, limits) == _run(Engine(decoder, 5, 128, cuda_graphs=False), prompts, limits)
+
+
+def test_grpo_rollout_samples_through_the_engine_on_the_training_policy(nf4_policy) -> None:
+    """`engine_rollout` as TRL calls it: each prompt answered within the limit, the policy back in
+    the mode it was in, and the same seed and step give the same completions."""
+    from types import SimpleNamespace
+
+    from tracesft.config import GrpoSettings
+    from tracesft.rl.rollout import engine_rollout
+
+    policy, tokenizer = nf4_policy
+    settings = GrpoSettings(max_completion_length=24)
+    trainer = SimpleNamespace(model=policy, state=SimpleNamespace(global_step=3))
+    prompts = [[{"role": "user", "content": f"Premise: A correlates with B. Hypothesis {i}: A causes B."}] for i in range(6)]
+    policy.train()
+    first = engine_rollout(tokenizer, settings)(prompts, trainer)
+    assert policy.training
+    assert len(first["completion_ids"]) == 6 and all(0 < len(ids) <= 24 for ids in first["completion_ids"])
+    assert engine_rollout(tokenizer, settings)(prompts, trainer)["completion_ids"] == first["completion_ids"]
