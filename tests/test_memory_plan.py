@@ -102,8 +102,9 @@ def test_the_planned_last_layer_keeps_its_activations_and_trains_as_if_recompute
     runs = {}
     for name, budget_gib in (("one kept", budget), ("all recomputed", None)):
         seen = SeenInTraining()
-        adapter, summary = train_lora(data, str(model_dir), recipe.model_copy(update={"memory_budget_gib": budget_gib}),
-                                      "cpu", tmp_path / name.replace(" ", "-"), callbacks=[seen])
+        budgeted = TrainingRecipe.model_validate(recipe.model_dump() | {"memory_budget_gib": budget_gib})
+        adapter, summary = train_lora(data, str(model_dir), budgeted, "cpu", tmp_path / name.replace(" ", "-"),
+                                      callbacks=[seen])
         runs[name] = (seen, summary, load_file(adapter.path / "adapter_model.safetensors"))
 
     seen, summary, weights = runs["one kept"]

@@ -17,7 +17,8 @@ heads k of width d = h / n), a row of T tokens, activations of `activation_bytes
 LoRA of rank r with dropout, as the shipped path trains it (bitsandbytes' 4-bit matmul and a
 frozen linear save no input; Liger's RMSNorm keeps its input, its SwiGLU the two gate inputs; the
 varlen flash kernel keeps q, k, v, its output and one fp32 log-sum-exp per head):
-- base weights: measured on the loaded model (NF4 blocks and scales, bf16 embeddings and LM head).
+- base weights: the loaded model's parameters and buffers (`get_memory_footprint`: NF4 blocks, bf16
+  embeddings and LM head; bitsandbytes' block scales, ~0.45 GiB on the 32B, are left to the headroom).
 - LoRA: r x (in + out) parameters per targeted projection and layer, each with its gradient and
   optimizer state (paged 8-bit AdamW: 2 bytes; AdamW: twice the parameter's bytes).
 - checkpointed layer inputs: h x T per layer, every layer (a kept layer's input is the same tensor).
@@ -31,9 +32,10 @@ varlen flash kernel keeps q, k, v, its output and one fp32 log-sum-exp per head)
   it (4h bytes) per token, and one tile of `LM_HEAD_TOKEN_TILE` tokens x `LM_HEAD_VOCAB_TILE`.
 - allocator headroom: `HEADROOM` of the sum.
 
-It is an estimate, to be calibrated against a measured peak on a GPU (benchmarks/train_throughput.py
---budgets records both); it errs high: at row 8,192 with every layer recomputed it gives ~28 GiB
-before headroom where 24.5-26.9 GiB were measured. On the CPU, activations are float32 and
+It is an estimate, to be calibrated against a measured peak on a GPU (`benchmarks/train_throughput.py
+--budgets` records both). With every layer recomputed on the 32B it gives, before headroom, 24.7 GiB
+for rows of 5,391 tokens and 27.7 GiB for 8,192, where 24.1 and 26.9 GiB were measured on an H200
+(BENCHMARKS.md); the headroom is the margin beyond that. On the CPU, activations are float32 and
 HF's RMSNorm and SwiGLU stand in for Liger's; the plan is applied the same way.
 """
 
@@ -65,9 +67,9 @@ class DecoderShape:
     @classmethod
     def of(cls, config: Any) -> "DecoderShape":
         """From a transformers config (`Qwen2Config`, `LlamaConfig`, ...)."""
-        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers,
-                   config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                   config.vocab_size)
+        heads = config.num_attention_heads
+        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads,
+                   getattr(config, "num_key_value_heads", None) or heads, config.vocab_size)
 
     def projection_sizes(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each projection LoRA may target."""
@@ -142,13 +144,14 @@ def plan_memory(
     Never fewer than 0 layers (the fixed terms alone may exceed the budget) nor more than all.
     """
     per_token_kept = kept_layer_bytes_per_token(shape, lora_rank, lora_targets, lora_dropout, activation_bytes)
+    backward_gradients = (2 * shape.intermediate + 4 * shape.hidden) * activation_bytes
     lora = lora_parameter_count(shape, lora_rank, lora_targets)
     head_tile = min(row_tokens, LM_HEAD_TOKEN_TILE) * min(shape.vocab, LM_HEAD_VOCAB_TILE) * activation_bytes
     fixed = {
         "base_weights": base_weight_bytes,
         "lora_parameters_gradients_optimizer": lora * (2 * lora_parameter_bytes + optimizer_state_bytes),
         "checkpointed_layer_inputs": shape.layers * row_tokens * shape.hidden * activation_bytes,
-        "recomputed_layer": row_tokens * (per_token_kept + (2 * shape.intermediate + 4 * shape.hidden) * activation_bytes),
+        "recomputed_layer": row_tokens * (per_token_kept + backward_gradients),
         "lm_head": row_tokens * shape.hidden * (activation_bytes + 4) + head_tile,
     }
     per_layer = row_tokens * per_token_kept

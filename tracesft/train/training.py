@@ -10,9 +10,9 @@ Fast by default: examples are packed into long rows with attention kept inside e
 (`tracesft.train.packing`), and with `device` cuda Liger's kernels replace RMSNorm, SwiGLU and RoPE
 (`LIGER_KERNELS`). The loss head is TRL's own: `SFTTrainer` computes the log-probabilities over the
 152k vocabulary in chunks, never building the full logits. `packing: false` trains with the seed's batching
-exactly. With gradient checkpointing, the last layers that `memory_budget_gib` has room for keep their
-activations instead of being recomputed (`tracesft.train.layer_checkpointing`). With `device` cuda the base is 4-bit NF4, the precision bf16 and the optimizer the seed's
-paged 8-bit AdamW; with `device` cpu, where none of these exists, the base stays in float32 and
+exactly. With gradient checkpointing, the last layers that `memory_budget_gib` has room for keep
+their activations instead of being recomputed (`tracesft.train.layer_checkpointing`). With `device`
+cuda the base is 4-bit NF4, the precision bf16 and the optimizer the seed's paged 8-bit AdamW; with `device` cpu, where none of these exists, the base stays in float32 and
 AdamW is used: same code path, same recipe otherwise. Checkpoints go to a persistent directory keyed by everything that determines the
 result, so a preempted run started again with the same inputs resumes where it stopped.
 """
@@ -97,7 +97,9 @@ def checkpoint_directory(
     """
     if recipe.checkpoint_dir is None:
         return None
-    determining = recipe.model_dump(exclude={"checkpoint_dir", "save_steps", "quantized_base_cache", "memory_budget_gib"})
+    # The budget decides which layers recompute, never the arithmetic: a run may resume under another.
+    how_it_runs = {"checkpoint_dir", "save_steps", "quantized_base_cache", "memory_budget_gib"}
+    determining = recipe.model_dump(exclude=how_it_runs)
     key = json.dumps([determining, device, base_model, revision, content_hash], sort_keys=True, default=str)
     return Path(recipe.checkpoint_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
