@@ -29,8 +29,13 @@ give each piece's share: packing (and with it the varlen attention, which only p
 the varlen attention (packed rows on SDPA with transformers' block-diagonal mask), Liger's layers,
 bf16 LoRA (back to fp32 under bf16 autocast, as PEFT makes them and the seed's TRL kept them).
 
+`--budgets 40 70` runs, on workload (a), the production path with every layer recomputed
+(`memory_budget_gib: null`) and then at each `training.memory_budget_gib`: tokens/s, the measured
+peak, and the plan's kept layers and estimated peak (`tracesft.train.memory_plan`), to calibrate it.
+
     python benchmarks/train_throughput.py               # one H200, ~6 min: results/train_throughput.json
     python benchmarks/train_throughput.py --ablations   # one H200, ~6 min: results/train_throughput_ablations.json
+    python benchmarks/train_throughput.py --budgets 40 70  # one H200: results/train_throughput_budgets.json
     python benchmarks/train_throughput.py --tiny        # CPU plumbing check, tiny Qwen2: *_tiny.json (git-ignored)
 """
 
@@ -182,6 +187,13 @@ ABLATIONS = (
     TrainingPath("project without Liger", recipe={"liger_kernels": False}),
     TrainingPath("project, fp32 LoRA", change=lora_in_fp32),
 )
+EVERY_LAYER_RECOMPUTED = TrainingPath("project, every layer recomputed", recipe={"memory_budget_gib": None})
+
+
+def budget_paths(budgets: list[float]) -> tuple[TrainingPath, ...]:
+    """The project with every layer recomputed, then at each memory budget."""
+    return (EVERY_LAYER_RECOMPUTED,
+            *(TrainingPath(f"project, budget {gib:g} GiB", recipe={"memory_budget_gib": gib}) for gib in budgets))
 
 
 # --- measuring ----------------------------------------------------------------------------------------
@@ -261,7 +273,10 @@ def measure(path: TrainingPath, dataset: SFTDataset, base_model: str, recipe: Tr
         if path.seed:
             train_seed(dataset, base_model, recipe, device, output_dir, [timer])
         else:
-            train(dataset, base_model, recipe.model_copy(update=path.recipe), device, output_dir, callbacks=[timer])
+            _, summary = train(dataset, base_model, recipe.model_copy(update=path.recipe), device, output_dir,
+                               callbacks=[timer])
+            timer.result.update(recomputed_layers=summary.recomputed_layers,
+                                memory_plan=summary.memory_plan and summary.memory_plan.model_dump())
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
         gc.collect()
@@ -366,6 +381,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="CPU plumbing check with a tiny Qwen2")
     parser.add_argument("--ablations", action="store_true",
                         help="workload (a) only: seed, project, and the project without each of its pieces")
+    parser.add_argument("--budgets", type=float, nargs="+", metavar="GIB",
+                        help="workload (a) only: every layer recomputed, then the project at each memory_budget_gib")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per path and workload")
     add_model_arguments(parser)
     parser.add_argument("--out", type=Path, default=None)
@@ -375,10 +392,13 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     tiny = runs_tiny(args.tiny)
-    paths = (SEED, PROJECT, *ABLATIONS) if args.ablations else (SEED, PROJECT)
-    report = run(paths, WORKLOADS[:1] if args.ablations else WORKLOADS, args.steps, tiny, args.layers, args.workdir)
+    paths = (budget_paths(args.budgets) if args.budgets else (SEED, PROJECT, *ABLATIONS) if args.ablations
+             else (SEED, PROJECT))
+    one_workload = args.ablations or args.budgets
+    report = run(paths, WORKLOADS[:1] if one_workload else WORKLOADS, args.steps, tiny, args.layers, args.workdir)
     print_table(report)
-    name = "train_throughput" + ("_ablations" if args.ablations else "") + ("_tiny" if tiny else "")
+    name = ("train_throughput" + ("_ablations" if args.ablations else "") + ("_budgets" if args.budgets else "")
+            + ("_tiny" if tiny else ""))
     out = args.out or RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -417,8 +437,9 @@ def run(paths: tuple[TrainingPath, ...], workloads: tuple[str, ...], steps: int,
         "date": datetime.date.today().isoformat(),
         "model": "tiny Qwen2 (random)" if tiny else f"Qwen2 32B architecture, {layers} layers (random NF4)",
         "measured_path": MEASURED_PATH,
-        "baseline_path": "trl.SFTTrainer as the seed's script configures it (batch 1, accumulation 8, no packing, "
-                         "sdpa, paged_adamw_8bit, bf16, gradient checkpointing)",
+        "baseline_path": paths[0].name if not paths[0].seed else (
+            "trl.SFTTrainer as the seed's script configures it (batch 1, accumulation 8, no packing, "
+            "sdpa, paged_adamw_8bit, bf16, gradient checkpointing)"),
         **summarize(runs, paths, workloads),
         "recipe": recipe.model_dump(exclude={"quantized_base_cache"}),
         "timed_optimizer_steps": steps,
@@ -431,12 +452,18 @@ def run(paths: tuple[TrainingPath, ...], workloads: tuple[str, ...], steps: int,
 
 
 def summarize(runs: dict[str, dict[str, Any]], paths: tuple[TrainingPath, ...], workloads: tuple[str, ...]) -> dict[str, Any]:
-    """The headline figures: the project against the seed, the loss check, and each piece's share."""
-    seed, project = runs[SEED.name], runs[PROJECT.name]
-    gaps = [abs(runs[p.name][k]["loss_before_update"] - seed[k]["loss_before_update"]) / abs(seed[k]["loss_before_update"])
-            for p in paths for k in workloads]
+    """The headline figures: the project against the seed (or the budgets against every layer recomputed),
+    the loss check against the first path, and each piece's share."""
+    reference = runs[paths[0].name]
+    gaps = [abs(runs[p.name][k]["loss_before_update"] - reference[k]["loss_before_update"])
+            / abs(reference[k]["loss_before_update"]) for p in paths for k in workloads]
     speed = lambda path, kind: runs[path][kind]["tokens_per_s"]  # noqa: E731
     first = workloads[0]
+    loss_check = {"same_loss": max(gaps) < 1e-2, "max_relative_loss_gap": round(max(gaps), 5)}
+    if SEED not in paths:
+        return {"memory_budget": {p.name: budget_row(runs[p.name][first], speed(paths[0].name, first)) for p in paths},
+                **loss_check}
+    seed, project = runs[SEED.name], runs[PROJECT.name]
     report = {
         "baseline_tokens_per_s": speed(SEED.name, first),
         "tokens_per_s": speed(PROJECT.name, first),
@@ -445,13 +472,21 @@ def summarize(runs: dict[str, dict[str, Any]], paths: tuple[TrainingPath, ...], 
            if "uniform_4096" in workloads else {}),
         "peak_gib": highest(project[k]["peak_gib"] for k in workloads),
         "baseline_peak_gib": highest(seed[k]["peak_gib"] for k in workloads),
-        "same_loss": max(gaps) < 1e-2,
-        "max_relative_loss_gap": round(max(gaps), 5),
+        **loss_check,
     }
     ablations = [p for p in paths if p not in (SEED, PROJECT)]
     if ablations:  # what the piece is worth: the production path's speed over the path without it
         report["share"] = {p.name: round(speed(PROJECT.name, first) / speed(p.name, first), 3) for p in ablations}
     return report
+
+
+def budget_row(result: dict[str, Any], recomputed_all_tokens_per_s: float) -> dict[str, Any]:
+    """One budget's speed and measured peak beside what the plan estimated."""
+    plan = result["memory_plan"]
+    return {"budget_gib": plan and plan["budget_gib"], "kept_layers": plan and plan["kept_layers"],
+            "recomputed_layers": result["recomputed_layers"], "estimated_peak_gib": plan and plan["estimated_peak_gib"],
+            "peak_gib": result["peak_gib"], "tokens_per_s": result["tokens_per_s"],
+            "speedup": round(result["tokens_per_s"] / recomputed_all_tokens_per_s, 3)}
 
 
 def highest(peaks: Any) -> float | None:
@@ -475,10 +510,12 @@ def versions() -> dict[str, str]:
 def print_table(report: dict[str, Any]) -> None:
     print(f"\n{report['model']} on {report['device']}, {report['date']}: {report['timed_optimizer_steps']} timed "
           f"optimizer steps per run; project = {report['measured_path']}")
-    print(f"{'workload':<16}{'path':<32}{'tokens/s':>10}{'peak GiB':>10}{'loss':>10}{'vs seed':>9}  setup")
+    reference = next(iter(report["runs"]))
+    print(f"{'workload':<16}{'path':<32}{'tokens/s':>10}{'peak GiB':>10}{'loss':>10}{'ratio':>9}  setup "
+          f"(ratio: against {reference})")
     for name, by_workload in report["runs"].items():
         for kind, r in by_workload.items():
-            ratio = r["tokens_per_s"] / report["runs"][SEED.name][kind]["tokens_per_s"]
+            ratio = r["tokens_per_s"] / report["runs"][reference][kind]["tokens_per_s"]
             s = r["setup"]
             setup = (f"{s['attention']}, {s['rows_per_optimizer_step']} rows of <= {s['row_tokens_at_most']}, "
                      f"LoRA {s['lora_dtype']}, liger {'on' if s['liger'] else 'off'}")
@@ -488,6 +525,9 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"same loss before any update: {report['same_loss']} (max relative gap {report['max_relative_loss_gap']})")
     for name, share in report.get("share", {}).items():
         print(f"project / ({name}): {share:.3f}")
+    for name, row in report.get("memory_budget", {}).items():
+        print(f"{name}: {row['recomputed_layers']} layers recomputed, estimated peak {row['estimated_peak_gib']} GiB, "
+              f"measured {row['peak_gib']} GiB, {row['speedup']:.3f}x")
     print(f"random base: {report['random_base']}; {report['wall_s']} s in all")
 
 

@@ -41,6 +41,10 @@ def train_adapter(
         adapter, summary = train(
             dataset, base_model, recipe, device, output_dir, base_model_revision, callbacks=[mlflow_logging_callback(device)]
         )
+        plan = summary.memory_plan  # the layers recomputed, beside the budget's estimate (tracesft.train.memory_plan)
+        mlflow.log_params({"recomputed_layers": summary.recomputed_layers} | ({} if plan is None else {
+            "memory_plan.kept_layers": plan.kept_layers,
+            "memory_plan.estimated_peak_gib": plan.estimated_peak_gib}))
         mlflow.log_metrics({"final_train_loss": summary.train_loss} | (
             {"final_eval_loss": summary.eval_loss} if summary.eval_loss is not None else {}
         ))

@@ -197,7 +197,9 @@ def _model_version(run_name: str) -> dict:
     return {"name": found.model.name, "id": str(found.id), "stage": found.stage, "metadata": found.run_metadata}
 
 
-def test_first_run_registers_a_challenger_with_lineage(workspace, first_run):
+def test_first_run_registers_a_challenger_with_lineage(workspace, tracking_uri, first_run):
+    from mlflow import MlflowClient
+
     root, _ = workspace
     summary = first_run.summary
 
@@ -215,6 +217,8 @@ def test_first_run_registers_a_challenger_with_lineage(workspace, first_run):
     assert tags["zenml_run_url"] == "local store"  # the test's ZenML store has no server
     assert len(tags["run_config_hash"]) == 64 and tags["git_commit"]
     assert tags["train_examples"].isdigit() and tags["adapter_content_hash"]
+    params = MlflowClient(tracking_uri).get_run(version["run_id"]).data.params
+    assert params["recomputed_layers"] == "0"  # the demo trains without checkpointing: no layer recomputed
     # The demo learns: the fine-tuned model beats the base beyond the interval, and is promoted.
     decision, evaluation = summary["promotion"], summary["evaluation"]
     assert evaluation["finetuned_f1"] > evaluation["base_f1"] and evaluation["f1_difference"]["low"] > 0

@@ -35,3 +35,18 @@ def test_tiny_run_trains_both_paths_through_trl_with_the_same_loss_before_any_up
     assert not seed["setup"]["packing"] and seed["setup"]["attention"] == "sdpa"
     assert project["setup"]["packing"] and project["packed_attention_calls"] > 0
     assert list(tmp_path.iterdir()) == []  # the random base and the runs' outputs are cleaned up
+
+
+def test_tiny_budgets_report_the_plan_beside_the_run_with_every_layer_recomputed(bench, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = bench.run(bench.budget_paths([40]), ("lognormal_1200",), steps=1, tiny=True, workdir=tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    recomputed, budget = report["memory_budget"].values()
+    assert recomputed["recomputed_layers"] == 2 and recomputed["kept_layers"] is None and recomputed["speedup"] == 1
+    assert (budget["budget_gib"], budget["kept_layers"], budget["recomputed_layers"]) == (40, 2, 0)  # a tiny model fits
+    assert 0 < budget["estimated_peak_gib"] < 1 and budget["tokens_per_s"] > 0 and report["same_loss"]

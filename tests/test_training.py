@@ -242,6 +242,7 @@ def test_persistent_checkpoint_directory_is_keyed_by_the_inputs(tmp_path) -> Non
     here = checkpoint_directory(recipe, "cpu", "m", None, "a" * 64)
     assert here.parent == tmp_path
     assert checkpoint_directory(recipe.model_copy(update={"save_steps": 7}), "cpu", "m", None, "a" * 64) == here
+    assert checkpoint_directory(recipe.model_copy(update={"memory_budget_gib": 70}), "cpu", "m", None, "a" * 64) == here
     assert checkpoint_directory(recipe.model_copy(update={"lora_r": 8}), "cpu", "m", None, "a" * 64) != here
     assert checkpoint_directory(recipe, "cpu", "m", None, "b" * 64) != here
     assert checkpoint_directory(recipe, "cuda", "m", None, "a" * 64) != here  # other precision, other run

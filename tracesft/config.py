@@ -94,6 +94,10 @@ class TrainingRecipe(_Settings):
     packing: bool = True
     packing_length: int = Field(8192, gt=0)
     liger_kernels: bool = True  # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) on CUDA; the loss head is TRL's
+    # GiB of memory training may use: with gradient_checkpointing, the last layers keep their
+    # activations instead of being recomputed in backward, as many as the estimate of the peak fits
+    # (`tracesft.train.memory_plan`). None: every layer recomputed. Not applied under fsdp_qlora.
+    memory_budget_gib: float | None = Field(40, gt=0)
     eval_steps: int | None = Field(None, gt=0)  # validation loss every N steps; None: each epoch
     save_steps: int = Field(50, gt=0)  # a resumable checkpoint every N optimizer steps
     checkpoint_dir: WorkspacePath | None = None  # persistent root to resume from (a mounted volume); None: scratch only

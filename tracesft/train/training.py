@@ -10,8 +10,9 @@ Fast by default: examples are packed into long rows with attention kept inside e
 (`tracesft.train.packing`), and with `device` cuda Liger's kernels replace RMSNorm, SwiGLU and RoPE
 (`LIGER_KERNELS`). The loss head is TRL's own: `SFTTrainer` computes the log-probabilities over the
 152k vocabulary in chunks, never building the full logits. `packing: false` trains with the seed's batching
-exactly. With `device` cuda the base is 4-bit NF4, the precision bf16 and the optimizer the seed's
-paged 8-bit AdamW; with `device` cpu, where none of these exists, the base stays in float32 and
+exactly. With gradient checkpointing, the last layers that `memory_budget_gib` has room for keep
+their activations instead of being recomputed (`tracesft.train.layer_checkpointing`). With `device`
+cuda the base is 4-bit NF4, the precision bf16 and the optimizer the seed's paged 8-bit AdamW; with `device` cpu, where none of these exists, the base stays in float32 and
 AdamW is used: same code path, same recipe otherwise. Checkpoints go to a persistent directory keyed by everything that determines the
 result, so a preempted run started again with the same inputs resumes where it stopped.
 """
@@ -32,6 +33,8 @@ from pydantic import BaseModel
 from tracesft.train.adapter import LoraAdapter, save_adapter, write_metadata
 from tracesft.config import Device, TrainingRecipe
 from tracesft.errors import TracesftError
+from tracesft.train.layer_checkpointing import LayerCheckpointing, training_memory_plan
+from tracesft.train.memory_plan import MemoryPlan
 from tracesft.train.modeling import load_base_model, load_tokenizer
 from tracesft.train.packing import packed_row_plan, register_varlen_attention
 from tracesft.data.prompting import build_completion, build_prompt
@@ -60,6 +63,8 @@ class TrainingSummary(BaseModel):
     full_fine_tuning: bool = False
     packed_row_length: int | None = None
     resumed_from: str | None = None
+    recomputed_layers: int | None = None  # decoder layers checkpointed (recomputed in backward) as training ran
+    memory_plan: MemoryPlan | None = None  # training.memory_budget_gib's estimate, where it applied
 
 
 def tokenize_record(tokenizer: Any, record: TraceRecord, max_seq_length: int) -> dict[str, list[int]]:
@@ -92,7 +97,9 @@ def checkpoint_directory(
     """
     if recipe.checkpoint_dir is None:
         return None
-    determining = recipe.model_dump(exclude={"checkpoint_dir", "save_steps", "quantized_base_cache"})
+    # The budget decides which layers recompute, never the arithmetic: a run may resume under another.
+    how_it_runs = {"checkpoint_dir", "save_steps", "quantized_base_cache", "memory_budget_gib"}
+    determining = recipe.model_dump(exclude=how_it_runs)
     key = json.dumps([determining, device, base_model, revision, content_hash], sort_keys=True, default=str)
     return Path(recipe.checkpoint_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -109,6 +116,7 @@ class PreparedTraining:
     optimizer: str
     train_examples: int
     validation_examples: int
+    layer_checkpointing: LayerCheckpointing
 
 
 def prepare_training(
@@ -153,6 +161,9 @@ def prepare_training(
     liger = recipe.liger_kernels and on_cuda and importlib.util.find_spec("liger_kernel") is not None
     if recipe.liger_kernels and on_cuda and not liger:
         logger.warning("liger_kernels is on but liger-kernel is not installed: training without it.")
+
+    row_tokens = row_length or recipe.per_device_train_batch_size * recipe.max_seq_length
+    layer_checkpointing = LayerCheckpointing(training_memory_plan(model, recipe, row_tokens, optimizer))
 
     train = Dataset.from_list(train_rows)
     validation = Dataset.from_list(validation_rows) if validation_rows else None
@@ -203,10 +214,10 @@ def prepare_training(
         eval_dataset=validation,
         processing_class=tokenizer,
         peft_config=lora if recipe.use_lora else None,
-        callbacks=[*(callbacks or []), *reporting_callbacks(recipe)],
+        callbacks=[*(callbacks or []), *reporting_callbacks(recipe), layer_checkpointing],
     )
     return PreparedTraining(trainer, tokenizer, checkpoints, row_length, quantized, optimizer,
-                            len(train_rows), len(validation_rows))
+                            len(train_rows), len(validation_rows), layer_checkpointing)
 
 
 def train_lora(
@@ -246,6 +257,8 @@ def train_lora(
         full_fine_tuning=not recipe.use_lora,
         packed_row_length=prepared.packed_row_length,
         resumed_from=resume,
+        recomputed_layers=prepared.layer_checkpointing.recomputed_layers,
+        memory_plan=prepared.layer_checkpointing.plan,
     )
     adapter = write_metadata(
         adapter_dir,
