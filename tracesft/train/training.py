@@ -12,8 +12,9 @@ Fast by default: examples are packed into long rows with attention kept inside e
 152k vocabulary in chunks, never building the full logits. `packing: false` trains with the seed's batching
 exactly. With gradient checkpointing, the last layers that `memory_budget_gib` has room for keep
 their activations instead of being recomputed (`tracesft.train.layer_checkpointing`). With `device`
-cuda the base is 4-bit NF4, the precision bf16 and the optimizer the seed's paged 8-bit AdamW; with `device` cpu, where none of these exists, the base stays in float32 and
-AdamW is used: same code path, same recipe otherwise. Checkpoints go to a persistent directory keyed by everything that determines the
+cuda the base is 4-bit NF4, the precision bf16 and the optimizer the seed's paged 8-bit AdamW;
+with `device` cpu, where none of these exists, the base stays in float32 and AdamW is used: same
+code path, same recipe otherwise. Checkpoints go to a persistent directory keyed by everything that determines the
 result, so a preempted run started again with the same inputs resumes where it stopped.
 """
 
