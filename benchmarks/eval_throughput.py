@@ -57,7 +57,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from random_32b import build_seed_model, qwen2_config  # noqa: E402
+from random_32b import build_seed_model, library_versions, qwen2_config  # noqa: E402
 
 from tracesft.config import EvalSettings, TrainingRecipe  # noqa: E402
 from tracesft.data.prompting import build_prompt  # noqa: E402
@@ -229,9 +229,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     project = engine_run(model, prompts, answers, settings, device)
     print({"project": project}, flush=True)
 
-    import peft
-    import transformers
-
     baseline = seed["tokens_per_s"] if seed else None
     return {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -255,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peak_gib": project["peak_gib"],
         "seed": seed,
         "project": project,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "versions": library_versions(),
         "wall_s": round(time.perf_counter() - started, 1),
     }
 

@@ -47,8 +47,8 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from random_32b import add_model_arguments, qwen2_config, runs_tiny  # noqa: E402
-from train_throughput import benchmark_tokenizer, synchronize, versions, write_random_base  # noqa: E402
+from random_32b import add_model_arguments, library_versions, qwen2_config, runs_tiny  # noqa: E402
+from train_throughput import benchmark_tokenizer, synchronize, write_random_base  # noqa: E402
 
 from tracesft.config import Device, GrpoSettings, ProblemSettings, RewardSettings, TrainingRecipe  # noqa: E402
 from tracesft.rl.grpo import prepare_grpo  # noqa: E402
@@ -208,7 +208,7 @@ def run(backends: tuple[str, ...], steps: int, tiny: bool, layers: int = 64, pro
         "recipe": recipe.model_dump(exclude={"quantized_base_cache"}),
         "timed_steps": steps,
         "random_base": base,
-        "versions": versions(),
+        "versions": library_versions(),
         "wall_s": round(time.perf_counter() - started, 1),
         "runs": runs,
     }

@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from random_32b import qwen2_config, random_base  # noqa: E402
+from random_32b import library_versions, qwen2_config, random_base  # noqa: E402
 
 from tracesft.config import DistributedSettings, TrainingRecipe  # noqa: E402
 from tracesft.train.distributed import launch_command, worker_environment  # noqa: E402
@@ -137,7 +137,7 @@ def benchmark(args: argparse.Namespace) -> None:
         "global_batch": args.global_batch,
         "steps": args.steps,
         "wall_s": round(time.time() - started, 1),
-        "versions": versions(),
+        "versions": library_versions(),
         **headline(rows),
         "rows": rows,
     }
@@ -364,7 +364,7 @@ def save_check(args: argparse.Namespace) -> None:
         "device": device, "gpus": 2, "date": datetime.date.today().isoformat(),
         "measured_path": "tracesft.train.adapter.save_prepared_adapter",
         "model": model_name(args.tiny), "seq": args.seq, "global_batch": args.global_batch, "steps": args.steps,
-        "wall_s": round(time.time() - started, 1), "versions": versions(),
+        "wall_s": round(time.time() - started, 1), "versions": library_versions(),
         "loss_match": all(run.get("loss_match") for run in runs.values()),
         "same_files": same("files"), "same_tensors": same("tensors"),
         "runs": {name: {key: value for key, value in run.items() if key != "tensors"} for name, run in runs.items()},
@@ -437,23 +437,6 @@ def synchronize(accelerator) -> None:
 
     if accelerator.device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def versions() -> dict[str, str]:
-    import accelerate
-    import peft
-    import torch
-    import transformers
-
-    found = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-             "accelerate": accelerate.__version__}
-    try:
-        import bitsandbytes
-
-        found["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
-        pass
-    return found
 
 
 def print_table(report: dict) -> None:

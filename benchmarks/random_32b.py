@@ -10,6 +10,7 @@ the same model.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,14 @@ def runs_tiny(asked: bool) -> bool:
     if tiny:
         torch.set_num_threads(1)  # a 128-wide model gains nothing from threads and suffers on a shared CPU
     return tiny
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a GPU figure depends on, as installed (absent ones left out), for every benchmark's JSON."""
+    found = {}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "liger-kernel", "triton"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found

@@ -65,7 +65,7 @@ from transformers import AttentionInterface, TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from random_32b import add_model_arguments, qwen2_config, random_base, runs_tiny  # noqa: E402
+from random_32b import add_model_arguments, library_versions, qwen2_config, random_base, runs_tiny  # noqa: E402
 
 from tracesft.config import Device, TrainingRecipe  # noqa: E402
 from tracesft.data.sample_data import tokenizer_corpus  # noqa: E402
@@ -445,7 +445,7 @@ def run(paths: tuple[TrainingPath, ...], workloads: tuple[str, ...], steps: int,
         "timed_optimizer_steps": steps,
         "length_scale": f"1/{scale}",
         "random_base": base,
-        "versions": versions(),
+        "versions": library_versions(),
         "wall_s": round(time.perf_counter() - started, 1),
         "runs": runs,
     }
@@ -493,18 +493,6 @@ def highest(peaks: Any) -> float | None:
     """The highest peak GiB, or None where memory was not measured (CPU)."""
     peaks = list(peaks)
     return None if None in peaks else max(peaks)
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as metadata
-
-    found = {}
-    for name in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "liger-kernel", "triton"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 def print_table(report: dict[str, Any]) -> None:
