@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tracesft.config import embedded_config_path
+from tracesft.config import embedded_config_path, embedded_grpo_config_path
 from tracesft.workspace import prepare_demo_workspace
 
 pytestmark = pytest.mark.integration
@@ -79,5 +79,26 @@ def test_an_eval_set_that_is_a_folder_is_one_message_and_json_says_so(root: Path
     assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) < 20, done.stderr
     [message] = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert str(folder) in message and "folder" in message
+    report = json.loads(done.stdout)  # exactly one JSON document, nothing else
+    assert report["status"] == "failed" and report["error"] == message.removeprefix("error: ")
+
+
+def test_grpo_with_no_version_to_continue_is_one_message_and_json_says_so(root: Path) -> None:
+    """`tracesft grpo` reports through the same path as the SFT commands: a parent the registry
+    does not hold is one `error:` line naming the setting, exit 2, and one JSON document."""
+    document = yaml.safe_load(embedded_grpo_config_path().read_text())
+    document["parameters"] |= {"parent": "champion", "eval_set": str(root / ".tracesft" / "eval" / "corr2cause_eval.csv"),
+                               "base_model": str(root / ".tracesft" / "tiny-model")}
+    document["parameters"]["registry"] |= {"tracking_uri": f"sqlite:///{root / 'grpo-mlflow.db'}"}
+    grpo_config = root / "grpo.yaml"
+    grpo_config.write_text(yaml.safe_dump(document))
+
+    done = subprocess.run([str(Path(sys.executable).parent / "tracesft"), "grpo", "--config", str(grpo_config), "--json"],
+                          cwd=root, capture_output=True, text=True, check=False)
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) < 20, done.stderr
+    [message] = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert "champion" in message, message
     report = json.loads(done.stdout)  # exactly one JSON document, nothing else
     assert report["status"] == "failed" and report["error"] == message.removeprefix("error: ")

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -89,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     grpo.add_argument("--config", type=Path, default=None, help="GRPO run configuration (default: the embedded one)")
     grpo.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    grpo.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
     tiny = command("tiny-model", _tiny_model, "Build the tiny random-weight Qwen2 model and tokenizer into DIR (new or empty).")
     tiny.add_argument("dir", type=Path)
@@ -189,7 +191,9 @@ def _grpo(args: argparse.Namespace) -> int:
         _use_state_of(None)  # the demo's workspace, registry and ZenML store
     config = args.config or embedded_grpo_config_path()
     require_device(load_grpo_config(config).device, str(config))  # fail fast, before ZenML starts
-    summary = run_summary(run_grpo_pipeline(config))
+    summary = _run_reporting_failures(args, lambda: run_summary(run_grpo_pipeline(config)))
+    if isinstance(summary, int):  # the run failed and said so: its exit code
+        return summary
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0
@@ -239,38 +243,50 @@ def _run_and_report(config: Path, args: argparse.Namespace, shown_config: Path) 
     """Run the pipeline on `config` (possibly a derived copy of the user's `shown_config`) and report
     on stdout: the summary, or with `--json` one JSON document; everything else goes to stderr."""
     from pipelines.run import run_pipeline, run_summary
-    from tracesft.console import failure_message, quiet_step_failures, stdout_to_stderr
     from tracesft.registry.model_registry import list_versions
 
     run_config = load_run_config(config)
     require_device(run_config.device, str(shown_config))  # before ZenML starts, not in its first GPU step
     _use_state_of(shown_config)
-    failed: tuple[str, bool] | None = None  # the message, and whether the input caused it
-    with stdout_to_stderr(), quiet_step_failures(args.debug) as failure:
-        try:
-            run = run_pipeline(config)
-        except Exception as error:
-            if args.debug:
-                raise
-            failed = failure_message(error, failure.step, failure_log()), isinstance(error, TracesftError)
-        else:
-            summary = run_summary(run)
-            if "registered" in summary:
-                version = summary["registered"]["version"]
-                summary["registered"]["aliases"] = next(
-                    (row["aliases"] for row in list_versions(run_config.registry) if row["version"] == version), []
-                )
-    if failed is not None:
-        message, caused_by_input = failed
-        print(f"error: {message}", file=sys.stderr)
-        if args.json:
-            print(json.dumps({"status": "failed", "step": failure.step, "error": message}, indent=2))
-        return 2 if caused_by_input else 1
+
+    def run_and_summarize() -> dict:
+        summary = run_summary(run_pipeline(config))
+        if "registered" in summary:
+            version = summary["registered"]["version"]
+            summary["registered"]["aliases"] = next(
+                (row["aliases"] for row in list_versions(run_config.registry) if row["version"] == version), []
+            )
+        return summary
+
+    summary = _run_reporting_failures(args, run_and_summarize)
+    if isinstance(summary, int):  # the run failed and said so: its exit code
+        return summary
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
         _print_run_summary(summary, run_config, shown_config)
     return 0
+
+
+def _run_reporting_failures(args: argparse.Namespace, run_and_summarize: Callable[[], dict]) -> dict | int:
+    """The summary `run_and_summarize` returns (a pipeline run's), with everything the run prints
+    sent to stderr; or, when it fails, its exit code (2: its input caused it) after one `error:`
+    line naming the step (the traceback goes to the failure log, or is raised with `--debug`) and,
+    with `--json`, one JSON document saying so on stdout. Every command that runs a pipeline
+    reports through here, so they all fail alike."""
+    from tracesft.console import failure_message, quiet_step_failures, stdout_to_stderr
+
+    with stdout_to_stderr(), quiet_step_failures(args.debug) as failure:
+        try:
+            return run_and_summarize()
+        except Exception as error:
+            if args.debug:
+                raise
+            message, caused_by_input = failure_message(error, failure.step, failure_log()), isinstance(error, TracesftError)
+    print(f"error: {message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"status": "failed", "step": failure.step, "error": message}, indent=2))
+    return 2 if caused_by_input else 1
 
 
 def _print_run_summary(summary: dict, run_config, shown_config: Path) -> None:
