@@ -23,7 +23,7 @@ from tracesft.evaluate.eval_report import render_evaluation_html
 from tracesft.evaluate.eval_set import load_eval_set, validation_problems
 from tracesft.evaluate.eval_tracking import ARTIFACT_DIR, log_evaluation_run
 from tracesft.evaluate.evaluation import EvalReport, Prediction, evaluate, score_predictions
-from tracesft.generate.inference import LoraLinear, prepare_for_inference
+from tracesft.generate.inference import LoraLinear, prepare_for_inference, project
 from tracesft.train.modeling import load_base_model
 from tracesft.data.sample_data import DATA, EVAL_CSV, tokenizer_corpus
 from tracesft.data.sft_dataset import SFTDataset
@@ -66,6 +66,18 @@ def test_fast_inference_keeps_the_function_of_a_lora_model(model_dir: Path, lora
     assert sum(isinstance(m, LoraLinear) for m in prepared.modules()) == 3 * 2  # q, v, down of both layers
     assert torch.equal(before, after)  # PEFT's arithmetic, op for op
     assert not torch.allclose(plain, after, atol=1e-3)  # the adapter did change the function
+
+
+@pytest.mark.parametrize("round_update_first", [True, False])
+def test_sibling_projections_share_one_cast_and_keep_every_bit(round_update_first: bool) -> None:
+    """`project` (the engine's q/k/v and gate/up) equals calling the modules one by one, also when
+    one of them has no adapter (then it is exactly that)."""
+    torch.manual_seed(0)
+    siblings = [LoraLinear(nn.Linear(32, width, dtype=torch.bfloat16), torch.randn(4, 32) * 0.1, torch.randn(width, 4) * 0.1,
+                           scaling, round_update_first) for width, scaling in ((48, 2.0), (16, 3.0))]
+    x = torch.randn(5, 32).to(torch.bfloat16)
+    for modules in (siblings, [*siblings, nn.Linear(32, 8, dtype=torch.bfloat16)]):
+        assert all(torch.equal(got, module(x)) for got, module in zip(project(x, modules), modules, strict=True))
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])

@@ -3,7 +3,8 @@
 Skipped without CUDA. On a CUDA machine: `python -m pytest tests/gpu/test_engine_cuda.py -m gpu -q -s`.
 The tiny Qwen2 loaded in NF4 (the production loading path) with a random LoRA adapter is put in
 its decoding form (`for_decoding`: the 4-bit layers dequantised once, LoRA unmerged), then:
-- the decode step replayed as a CUDA graph gives the same tokens as the same step run eagerly;
+- the decode step replayed as a CUDA graph gives the same tokens as the same step run eagerly,
+  and the same as with the LoRA branches run in line instead of on a side stream;
 - a KV pool too small for every row grows, moves and compacts runs, preempts and recomputes, and
   still gives (nearly) the same tokens;
 - the engine's logits (FlashAttention over the KV pool) match HF's forward on the same
@@ -68,6 +69,16 @@ def test_cuda_graph_replay_equals_the_eager_step(model) -> None:
     graphed = _run(Engine(model, 5, 128, cuda_graphs=True), prompts, limits)
     eager = _run(Engine(model, 5, 128, cuda_graphs=False), prompts, limits)
     assert graphed == eager
+
+
+def test_lora_branches_beside_the_base_products_change_no_token(model) -> None:
+    """The engine runs the LoRA branches on a side stream (`inference.project`): without it, the
+    same tokens."""
+    prompts, limits = _requests(model.config.vocab_size)
+    beside = _run(Engine(model, 5, 128), prompts, limits)
+    serial = Engine(model, 5, 128)
+    serial.side_stream = None
+    assert beside == _run(serial, prompts, limits)
 
 
 def test_engine_agrees_with_hf_generate(model) -> None:

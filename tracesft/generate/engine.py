@@ -31,9 +31,14 @@ attention (vLLM, SGLang) installs beside this project's pinned torch. So:
 - **Prefill** runs eagerly, packed (no padding), several new requests per call, and writes their
   keys and values into their runs. Refills wait until a sixteenth of the rows are free, so one
   prefill call serves several requests.
-- **Exactness.** The model's own modules compute everything except attention: its norms,
-  rotary embedding, projections (the unmerged LoRA of `inference.LoraLinear` included), MLP and
-  head. Greedy outputs equal HF `generate` one prompt at a time (tests/test_engine.py).
+- **Fewer, fuller kernels, same bits.** On CUDA the rotary embedding, SiLU times the gate and
+  each LoRA update's rounding and add are one Triton kernel each (`fused_ops`), and the LoRA
+  branches of sibling projections share one cast of their input and run on a side stream beside
+  the base products (`inference.project`). Each computes exactly what the torch ops did.
+- **Exactness.** Everything else is the model's own modules: its norms, projections (the
+  unmerged LoRA of `inference.LoraLinear` included) and head; attention is FlashAttention, as the
+  seed's SDPA runs it on the flash backend. Greedy outputs equal HF `generate` one prompt at a
+  time (tests/test_engine.py).
 
 Supported: decoder-only models with Llama's layer layout (Qwen2, Llama, Mistral), full attention.
 """
@@ -54,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tracesft.generate.fused_ops import rotary, silu_mul
+from tracesft.generate.inference import project
 from tracesft.generate.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
@@ -208,6 +215,7 @@ class Engine:
         self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
         self.head = model.lm_head
         self.apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        self.silu = self.config.hidden_act in ("silu", "swish")
         self.device = next(model.parameters()).device
         self.dtype = self.embed.weight.dtype
         self.heads = self.config.num_attention_heads
@@ -222,6 +230,8 @@ class Engine:
         blocks = blocks if blocks is not None else slots * self.row_blocks + 1
         self.cache = KVPool.for_model(self.config, blocks, self.block_size, self.device, self.dtype)
         self.on_cuda = self.device.type == "cuda"
+        # LoRA branches run on it beside the base products (`inference.project`).
+        self.side_stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self.use_graphs = self.on_cuda if cuda_graphs is None else cuda_graphs
         self.buckets = sorted({slots} | {2**k for k in range(slots.bit_length()) if slots * SMALLEST_BUCKET_SHARE <= 2**k < slots})
         # The decode step's inputs live in fixed tensors, so a captured graph reads whatever they hold.
@@ -245,18 +255,22 @@ class Engine:
         cos, sin = self.rotary(hidden, positions[None])
         cos, sin = cos[0], sin[0]
         rows = tokens.shape[0]
+        side = self.side_stream
         for index, layer in enumerate(self.layers):
             residual = hidden
             hidden = layer.input_layernorm(hidden)
             attention = layer.self_attn
-            query = attention.q_proj(hidden).view(rows, self.heads, self.head_dim)
-            key = attention.k_proj(hidden).view(rows, self.kv_heads, self.head_dim)
-            value = attention.v_proj(hidden).view(rows, self.kv_heads, self.head_dim)
-            query, key = self.apply_rotary(query, key, cos, sin, unsqueeze_dim=1)
-            output = attend(index, query, key, value)
-            hidden = residual + attention.o_proj(output.reshape(rows, self.heads * self.head_dim))
+            query, key, value = project(hidden, (attention.q_proj, attention.k_proj, attention.v_proj), side)
+            query, key = rotary(query.view(rows, self.heads, self.head_dim), key.view(rows, self.kv_heads, self.head_dim),
+                                cos, sin, self.apply_rotary)
+            output = attend(index, query, key, value.view(rows, self.kv_heads, self.head_dim))
+            (output,) = project(output.reshape(rows, self.heads * self.head_dim), (attention.o_proj,), side)
+            hidden = residual + output
             residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            mlp = layer.mlp
+            gate, up = project(layer.post_attention_layernorm(hidden), (mlp.gate_proj, mlp.up_proj), side)
+            (output,) = project(silu_mul(gate, up) if self.silu else mlp.act_fn(gate) * up, (mlp.down_proj,), side)
+            hidden = residual + output
         return self.norm(hidden)
 
     def _decode_logits(self, rows: int) -> torch.Tensor:
