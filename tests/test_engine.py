@@ -16,7 +16,7 @@ from torch import nn
 
 from tracesft.config import EvalSettings
 from tracesft.data.sample_data import tokenizer_corpus
-from tracesft.generate.batching import GenerationCache, engine_decoder, generate_all, stop_tokens
+from tracesft.generate.batching import GenerationCache, engine_decoder, fits_every_row, generate_all, stop_tokens
 from tracesft.generate.engine import Engine, Sampling, supports
 from tracesft.generate.inference import prepare_for_inference
 from tracesft.train.modeling import load_tokenizer
@@ -96,6 +96,13 @@ def test_a_cache_too_small_for_all_rows_preempts_and_still_decodes_exactly(tiny)
     print(engine.stats)
     assert engine.stats.preemptions and engine.stats.moves and engine.stats.compactions
     assert engine.cache.free_blocks == 32  # every run returned
+
+
+def test_a_pool_with_room_for_every_row_is_planned_at_that_size_not_at_the_free_memory() -> None:
+    # 32 rows of 330 positions in blocks of 64: 6 blocks a row, and the engine's scratch block.
+    assert fits_every_row(blocks=193, rows=32, longest=330, block_size=64)
+    assert not fits_every_row(blocks=192, rows=32, longest=330, block_size=64)
+    assert fits_every_row(blocks=450_000, rows=32, longest=330, block_size=64)  # the H200's free memory in blocks
 
 
 def test_a_prompt_longer_than_the_whole_cache_is_refused(tiny) -> None:
