@@ -30,6 +30,7 @@ adapter save") says why (FSDP1 had cast RoPE's frequencies to bf16, so `live_buf
 now read float32) and what changed.
 
 GPU (2 GPUs, <= 8 minutes each):  python benchmarks/multi_gpu.py   |   python benchmarks/multi_gpu.py --save-check
+(the second verifies issue 20's fix: fsdp_qlora's loss_match, same_files, same_tensors true, save_s ~1 s)
 CPU check (gloo, tiny Qwen2 unquantised, both strategies; FSDP1 applied by `shard_on_cpu`, since
 accelerate applies FSDP only on accelerators):  add --tiny
 Writes benchmarks/results/multi_gpu.json (fsdp_save.json with --save-check; *_tiny.json with --tiny)
