@@ -5,6 +5,7 @@ with TRL + PEFT on the CPU (gloo backend), and rank 0 logs into a real MLflow ru
 """
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -14,7 +15,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from tracesft.config import DistributedSettings, RegistrySettings, TrainingRecipe, load_run_config
-from tracesft.train.distributed import FSDP_QLORA_FLAGS, LOG_HISTORY_FILE, check_devices, launch_command, train
+from tracesft.train.distributed import (FSDP_QLORA_ENVIRONMENT, FSDP_QLORA_FLAGS, LOG_HISTORY_FILE, check_devices,
+                                       launch_command, train, worker_environment)
 from tracesft.errors import TracesftError
 from tracesft.data.ingest import ingest
 from tracesft.data.sample_data import DATA, tokenizer_corpus
@@ -101,6 +103,15 @@ def test_fsdp_launch_uses_the_fsdp_qlora_recipe() -> None:
         assert flag in command
         if value is not None:
             assert command[command.index(flag) + 1] == value
+
+
+def test_fsdp_workers_leave_the_rotary_embedding_unsharded_and_in_fp32() -> None:
+    # benchmarks/multi_gpu.py --tiny --save-check checks on FSDP1 that its buffers then stay fp32.
+    fsdp = worker_environment(DistributedSettings(num_processes=2, strategy="fsdp_qlora"), use_cpu=False)
+    ddp = worker_environment(DistributedSettings(num_processes=2, strategy="ddp"), use_cpu=False)
+    assert FSDP_QLORA_ENVIRONMENT.items() <= fsdp.items()
+    assert "FSDP_IGNORED_MODULES" not in ddp
+    assert re.fullmatch(FSDP_QLORA_ENVIRONMENT["FSDP_IGNORED_MODULES"], "base_model.model.model.rotary_emb")
 
 
 def test_ddp_launch_on_gpus() -> None:

@@ -16,6 +16,8 @@ from typing import Any
 from tracesft.errors import TracesftError
 
 METADATA_FILE = "tracesft_adapter.json"
+FSDP_WRAPPER = "_fsdp_wrapped_module."  # the name FSDP1 gives the module it wraps
+WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's name for an adapter's tensors
 # adapter_config.json fields that do not change what the adapter computes: where the base model
 # was found, PEFT's version, and how training started (initialisation, dropout).
 ADAPTER_CONFIG_NOT_HASHED = frozenset({
@@ -55,7 +57,7 @@ class LoraAdapter:
         digest.update(json.dumps(_canonical(kept), sort_keys=True, separators=(",", ":")).encode())
         weights = sorted(self.path.rglob("*.safetensors"))
         if not weights:
-            self._required("adapter_model.safetensors")
+            self._required(WEIGHTS_FILE)
         for path in weights:
             for name, dtype, shape, data in _safetensors_tensors(path):
                 digest.update(json.dumps([name, dtype, shape]).encode() + b"\0" + hashlib.sha256(data).digest())
@@ -83,42 +85,71 @@ def save_prepared_adapter(accelerator: Any, prepared_model: Any, adapter_dir: Pa
     """Write the trained LoRA weights of an `accelerator.prepare`d PEFT model to `adapter_dir`.
 
     Takes the accelerator and the prepared model rather than a Trainer so that a benchmark
-    training with accelerate directly measures this very save. Under FSDP each rank holds a
-    shard. FSDP-QLoRA's gathered state dict leaves the LoRA weights out (on 2 GPUs it held the
-    base's 55 tensors and no adapter), so the full parameters are summoned instead, into rank 0's
-    CPU memory, and rank 0 writes the LoRA ones. Otherwise (one process, or DDP where each rank
-    holds the whole model) the model saves itself.
+    training with accelerate directly measures this very save. One process, or DDP where each
+    rank holds the whole model: the model saves itself (PEFT's `save_pretrained`). FSDP: each rank
+    holds a shard, so the ranks gather the trainable weights (`gathered_trainable_weights`) and
+    rank 0 saves through the same `save_pretrained`, so both strategies write the same files
+    (README.md, adapter_config.json, adapter_model.safetensors) with the same tensor names,
+    dtypes and shapes (`benchmarks/multi_gpu.py --save-check` compares them).
     """
     model = accelerator.unwrap_model(prepared_model)
-    if fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with FullyShardedDataParallel.summon_full_params(prepared_model, writeback=False, rank0_only=True, offload_to_cpu=True):
-            if accelerator.is_main_process:
-                weights = {_without_wrapper_names(name): parameter.detach().cpu().clone()
-                           for name, parameter in model.named_parameters() if "lora_" in name}
-                if not weights:
-                    raise RuntimeError("FSDP training left no LoRA weights to save")
-                _write_adapter(model, weights, Path(adapter_dir))
-        accelerator.wait_for_everyone()
-    else:
+    if not fsdp:
         model.save_pretrained(adapter_dir)
+        return
+    weights = gathered_trainable_weights(prepared_model, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        if not weights:
+            raise RuntimeError("FSDP training left no trainable weights to save")
+        # PEFT 0.21 picks an adapter's tensors by the module names of the model it saves, and strips
+        # only a leading `_fsdp_wrapped_module.` from them, so under nested FSDP units it picks none.
+        # It writes the config and model card; the gathered tensors then replace its empty weights
+        # file, under the names it gives them (the adapter's name left out).
+        from safetensors.torch import save_file
+
+        model.save_pretrained(adapter_dir, state_dict={})
+        adapter = f".{model.active_adapter}."
+        save_file({name.replace(adapter, "."): tensor for name, tensor in weights.items()},
+                  str(Path(adapter_dir) / WEIGHTS_FILE), metadata={"format": "pt"})
+    accelerator.wait_for_everyone()
 
 
-def _write_adapter(model: Any, weights: dict[str, Any], adapter_dir: Path) -> None:
-    """The files `PeftModel.from_pretrained` reads, written directly: PEFT's `save_pretrained`
-    filtered these summoned weights down to nothing on 2 GPUs."""
-    from safetensors.torch import save_file
+def gathered_trainable_weights(prepared_model: Any, main_process: bool) -> dict[str, Any]:
+    """The full trainable (LoRA) tensors of an FSDP1 model, on the CPU of the main process (empty
+    elsewhere), named as the unwrapped model names them. A collective: every rank must call it.
 
-    adapter = model.active_adapter
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    save_file({name.replace(f".{adapter}.", "."): tensor.contiguous() for name, tensor in weights.items()},
-              str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    model.peft_config[adapter].save_pretrained(str(adapter_dir))
+    Only the FSDP units that shard trainable parameters are summoned, one at a time
+    (`summon_full_params(unit, recurse=False)`), so the 4-bit base is never gathered: PEFT's wrap
+    policy gives every LoRA layer a unit of its own, and an FSDP1 unit's flat parameter is either
+    all trainable or all frozen. Summoning the whole model, as this save did before, gathered the
+    base too: on the 32B it took 23 s and grew rank 0 by 18 GiB of host memory. torch's
+    `get_model_state_dict(ignore_frozen_params=True)` filters only after gathering everything,
+    and `offload_to_cpu=True` frees what it summons when that already lives on the CPU
+    (pytorch/pytorch#188989), so neither is used here.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    weights: dict[str, Any] = {}
+    for unit_name, unit in prepared_model.named_modules():
+        if not isinstance(unit, FullyShardedDataParallel):
+            continue
+        if not any(parameter.requires_grad for _, parameter in _sharded_by(unit)):
+            continue
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True):
+            if main_process:
+                for name, parameter in _sharded_by(unit):
+                    if parameter.requires_grad:
+                        full_name = _without_wrapper_names(f"{unit_name}.{name}" if unit_name else name)
+                        weights[full_name] = parameter.detach().to("cpu", copy=True)
+    return weights
+
+
+def _sharded_by(unit: Any) -> list[tuple[str, Any]]:
+    """(name, parameter) of what one FSDP unit shards itself, leaving out its nested units'."""
+    return [(name, parameter) for name, parameter in unit.module.named_parameters() if FSDP_WRAPPER not in name]
 
 
 def _without_wrapper_names(key: str) -> str:
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+    for wrapper in (FSDP_WRAPPER, "_checkpoint_wrapped_module.", "_orig_mod."):
         key = key.replace(wrapper, "")
     return key
 

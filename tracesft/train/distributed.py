@@ -59,6 +59,13 @@ FSDP_QLORA_FLAGS = {
     "--fsdp_cpu_ram_efficient_loading": "false",
     "--fsdp_state_dict_type": "FULL_STATE_DICT",
 }
+# What `accelerate launch` has no flag for, set in the workers' environment. FSDP1 casts every
+# buffer to its mixed-precision dtype (bf16: Trainer sets it to the 4-bit storage dtype) and keeps
+# it there; RoPE's inverse frequencies rounded to bf16 turn each rotary angle by up to
+# position x 2^-9 radians (several radians at position 4,000), so the adapter would be trained on
+# positions that inference, with the frequencies in fp32, never sees. Buffers of ignored modules
+# (a regular expression over module names; the rotary embedding holds no parameters) stay as built.
+FSDP_QLORA_ENVIRONMENT = {"FSDP_IGNORED_MODULES": r"(.*\.)?rotary_emb"}
 
 
 def train(
@@ -106,7 +113,7 @@ def train_lora_distributed(
     ] + (["--revision", revision] if revision else [])
     log_path = output_dir / WORKER_LOG_FILE
     with log_path.open("w", encoding="utf-8") as log:
-        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=worker_environment(use_cpu), check=False)
+        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=worker_environment(recipe.distributed, use_cpu), check=False)
     if completed.returncode != 0:
         tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-40:])
         raise TracesftError(
@@ -160,14 +167,17 @@ def launch_command(settings: DistributedSettings, use_cpu: bool) -> list[str]:
     return command
 
 
-def worker_environment(use_cpu: bool) -> dict[str, str]:
-    """The caller's environment, plus the active MLflow run so rank 0 logs its curves into it.
+def worker_environment(settings: DistributedSettings, use_cpu: bool) -> dict[str, str]:
+    """The caller's environment, plus the FSDP settings `launch_command` cannot pass
+    (`FSDP_QLORA_ENVIRONMENT`) and the active MLflow run so rank 0 logs its curves into it.
 
     The workers import the very `tracesft` the caller runs, wherever the working directory is.
     """
     environment = dict(os.environ)
     if use_cpu:
         environment["ACCELERATE_USE_CPU"] = "true"
+    if settings.strategy == "fsdp_qlora":
+        environment |= FSDP_QLORA_ENVIRONMENT
     package_root = str(Path(__file__).resolve().parent.parent)
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
     try:
