@@ -3,7 +3,8 @@
 Builds `--layers` layers of the 32B architecture (NF4 + random LoRA, then `for_decoding`:
 dequantised once, LoRA unmerged), fills `--slots` slots with contexts of random length in
 [`--min-context`, `--max-context`], and times: the decode step eagerly and as a CUDA graph, the
-attention kernel alone for one layer, and the bare bf16 products of one layer's projections.
+attention kernel alone for one layer, and the bare bf16 products of one layer's projections; the
+graph step is timed again with the LoRA branches in line instead of on the side stream.
 Prints one JSON line per measurement and the top CUDA kernels of one eager step.
 
     python benchmarks/engine_step_probe.py --layers 8 --slots 96
@@ -65,6 +66,12 @@ def main() -> None:
         with torch.inference_mode():
             eager = timed(lambda: engine._decode_logits(slots), 5)
             graph = timed(lambda: engine._decode(slots), 20)
+            # The same step with the LoRA branches in line (no side stream): that change's share.
+            side, engine.side_stream = engine.side_stream, None
+            engine.graphs.clear()
+            in_line = timed(lambda: engine._decode(slots), 20)
+            engine.side_stream = side
+            engine.graphs.clear()
             query = torch.randn(slots, config.num_attention_heads, 128, device="cuda", dtype=torch.bfloat16)
             flash = timed(lambda: torch.ops.aten._flash_attention_forward(
                 query, engine.cache.keys[0], engine.cache.values[0], engine.query_starts, engine.key_starts, 1,
@@ -79,6 +86,7 @@ def main() -> None:
                                      layer.mlp.down_proj.base.weight)], 20)
         kv_gb = float(sum(lengths)) * config.num_key_value_heads * 128 * 2 * 2 / 1e9
         say(slots=slots, layers=args.layers, eager_step_ms=round(eager, 2), graph_step_ms=round(graph, 2),
+            graph_step_ms_lora_in_line=round(in_line, 2),
             per_layer_graph_ms=round(graph / args.layers, 3), flash_attention_one_layer_ms=round(flash, 3),
 kv_read_gb_per_layer=round(kv_gb, 3),
             lora_layer_modules_ms=round(projections, 3), bare_bf16_products_ms=round(bare, 3))
