@@ -36,6 +36,7 @@ peak, and the plan's kept layers and estimated peak (`tracesft.train.memory_plan
     python benchmarks/train_throughput.py               # one H200, ~6 min: results/train_throughput.json
     python benchmarks/train_throughput.py --ablations   # one H200, ~6 min: results/train_throughput_ablations.json
     python benchmarks/train_throughput.py --budgets 40 70  # one H200: results/train_throughput_budgets.json
+    python benchmarks/train_throughput.py --profile --layers 2  # one H200: top kernels of the project path, workload (b)
     python benchmarks/train_throughput.py --tiny        # CPU plumbing check, tiny Qwen2: *_tiny.json (git-ignored)
 """
 
@@ -86,6 +87,7 @@ from tracesft.train.training import tokenize_record, tokenized_rows  # noqa: E40
 RESULTS = Path(__file__).resolve().parent / "results"
 MEASURED_PATH = "tracesft.train.distributed.train"
 WORKLOADS = ("lognormal_1200", "uniform_4096")
+PROFILED = [torch.profiler.ProfilerActivity.CPU, *([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]
 CHECK_LENGTH = {"lognormal_1200": 1200, "uniform_4096": 4096}  # tokens of each loss-check example
 CHECK_EXAMPLES = 8
 # Examples for this many optimizer steps beyond the trained ones, so no epoch (and the evaluation
@@ -206,10 +208,11 @@ def synchronize() -> None:
 class StepTimer(TrainerCallback):
     """Loss before any update, then optimizer steps 2 to 1 + `steps` timed, then training stopped."""
 
-    def __init__(self, steps: int, change: Callable[[Any], None] | None) -> None:
+    def __init__(self, steps: int, change: Callable[[Any], None] | None, profile: bool = False) -> None:
         self.steps, self.change = steps, change
         self.result: dict[str, Any] = {"packed_attention_calls": 0}
         self._start: tuple[float, int] | None = None
+        self._profiler = torch.profiler.profile(activities=PROFILED) if profile else None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.change is not None:
@@ -251,8 +254,14 @@ class StepTimer(TrainerCallback):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             self._start = (time.perf_counter(), state.num_input_tokens_seen)
+            if self._profiler is not None:
+                self._profiler.start()
         elif self._start is not None and state.global_step == 1 + self.steps:
             synchronize()
+            if self._profiler is not None:
+                self._profiler.stop()
+                sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+                print(self._profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70), flush=True)
             seconds = time.perf_counter() - self._start[0]
             tokens = state.num_input_tokens_seen - self._start[1]
             peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
@@ -263,11 +272,12 @@ class StepTimer(TrainerCallback):
 
 
 def measure(path: TrainingPath, dataset: SFTDataset, base_model: str, recipe: TrainingRecipe, device: Device, steps: int,
-            workdir: Path) -> dict[str, Any]:
-    """Train `path` on `dataset` for 1 + `steps` optimizer steps; what `StepTimer` recorded."""
+            workdir: Path, profile: bool = False) -> dict[str, Any]:
+    """Train `path` on `dataset` for 1 + `steps` optimizer steps; what `StepTimer` recorded (and,
+    with `profile`, the top kernels of the timed steps printed)."""
     if not path.uses_liger(recipe, device) and liger_patched():
         raise RuntimeError(f"{path.name}: Liger already patched Qwen2 in this process; run the paths without it first")
-    timer = StepTimer(steps, path.change)
+    timer = StepTimer(steps, path.change, profile)
     output_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     try:
         if path.seed:
@@ -384,6 +394,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budgets", type=float, nargs="+", metavar="GIB",
                         help="workload (a) only: every layer recomputed, then the project at each memory_budget_gib")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per path and workload")
+    parser.add_argument("--profile", action="store_true",
+                        help="workload (b) only, the project path only: print the top kernels of its timed steps "
+                             "(tokens/s then include the profiler's cost; use with --layers 2)")
     add_model_arguments(parser)
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args()
@@ -393,12 +406,12 @@ def main() -> int:
     args = parse_args()
     tiny = runs_tiny(args.tiny)
     paths = (budget_paths(args.budgets) if args.budgets else (SEED, PROJECT, *ABLATIONS) if args.ablations
-             else (SEED, PROJECT))
-    one_workload = args.ablations or args.budgets
-    report = run(paths, WORKLOADS[:1] if one_workload else WORKLOADS, args.steps, tiny, args.layers, args.workdir)
+             else (PROJECT,) if args.profile else (SEED, PROJECT))
+    workloads = WORKLOADS[1:] if args.profile else WORKLOADS[:1] if args.ablations or args.budgets else WORKLOADS
+    report = run(paths, workloads, args.steps, tiny, args.layers, args.workdir, args.profile)
     print_table(report)
     name = ("train_throughput" + ("_ablations" if args.ablations else "") + ("_budgets" if args.budgets else "")
-            + ("_tiny" if tiny else ""))
+            + ("_profile" if args.profile else "") + ("_tiny" if tiny else ""))
     out = args.out or RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -407,7 +420,7 @@ def main() -> int:
 
 
 def run(paths: tuple[TrainingPath, ...], workloads: tuple[str, ...], steps: int, tiny: bool, layers: int = 64,
-        workdir: Path | None = None) -> dict[str, Any]:
+        workdir: Path | None = None, profile: bool = False) -> dict[str, Any]:
     """Write the random base, train every path on every workload, and report (CPU and tiny Qwen2 if `tiny`)."""
     device: Device = "cpu" if tiny else "cuda"
     scale = TINY_SCALE if tiny else 1
@@ -428,7 +441,7 @@ def run(paths: tuple[TrainingPath, ...], workloads: tuple[str, ...], steps: int,
         for path in sorted(paths, key=lambda p: p.uses_liger(recipe, device)):  # Liger's patches last
             for kind in workloads:
                 dataset = workload_dataset(kind, tokenizer, recipe, steps, scale)
-                runs[path.name][kind] = measure(path, dataset, base_model, recipe, device, steps, scratch)
+                runs[path.name][kind] = measure(path, dataset, base_model, recipe, device, steps, scratch, profile)
                 print(kind, path.name, {k: v for k, v in runs[path.name][kind].items() if k != "setup"}, flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
