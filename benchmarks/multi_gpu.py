@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import statistics
 import subprocess
@@ -185,7 +186,7 @@ def launch(args: argparse.Namespace, strategy: str, gpus: int, use_cpu: bool, ex
         command = launch_command(settings, use_cpu) + [
             str(Path(__file__).resolve()), "--worker", "--strategy", strategy, "--result", str(result),
             "--seq", str(args.seq), "--global-batch", str(args.global_batch), "--steps", str(args.steps),
-            "--learning-rate", str(args.learning_rate), *extra,
+            "--learning-rate", str(args.learning_rate), "--run-timeout", str(args.run_timeout), *extra,
         ] + (["--tiny"] if args.tiny else [])
         log = Path(scratch) / "log.txt"
         print(f"{strategy} on {gpus} {'processes' if use_cpu else 'GPUs'}: launching (at most {args.run_timeout} s)",
@@ -199,14 +200,19 @@ def launch(args: argparse.Namespace, strategy: str, gpus: int, use_cpu: bool, ex
             code = "timeout"
         print(f"{strategy} on {gpus}: exit {code} after {time.time() - started:.0f} s", file=sys.stderr, flush=True)
         if code != 0 or not result.exists():
-            tail = log.read_text(errors="replace").splitlines()[-25:]
+            tail = log.read_text(errors="replace").splitlines()[-(120 if code == "timeout" else 25):]
             print("\n".join(tail), file=sys.stderr)
             return {"strategy": strategy, "gpus": gpus, "error": f"exit {code}: {tail[-1] if tail else ''}"[:300]}
         return json.loads(result.read_text())
 
 
 def worker(args: argparse.Namespace) -> None:
+    import faulthandler
+
     import torch
+
+    # A rank that stalls writes every thread's stack into the log before the launch's limit kills it.
+    faulthandler.dump_traceback_later(max(args.run_timeout - 20, 5), exit=False)
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, FullyShardedDataParallelPlugin, parse_flag_from_env
     from peft import LoraConfig, get_peft_model
@@ -305,6 +311,13 @@ def worker(args: argparse.Namespace) -> None:
             "losses": [round(x, 5) for x in losses], **saved,
         }))
     accelerator.wait_for_everyone()
+    # The wrapped model goes before its process group, as in the training step's worker (whose
+    # model lives inside `train_lora`). Left to the end of this function, after `end_training`,
+    # DDP on gloo stalled one rank's exit in 2 of 16 runs on a loaded 2-core CPU (the stacks that
+    # `faulthandler` wrote showed the worker already returned).
+    accelerator.free_memory()
+    del model, optimizer, loss
+    gc.collect()
     accelerator.end_training()
 
 
