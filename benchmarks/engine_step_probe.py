@@ -4,7 +4,8 @@ Builds `--layers` layers of the 32B architecture (NF4 + random LoRA, then `for_d
 dequantised once, LoRA unmerged), fills `--slots` slots with contexts of random length in
 [`--min-context`, `--max-context`], and times: the decode step eagerly and as a CUDA graph, the
 attention kernel alone for one layer, and the bare bf16 products of one layer's projections; the
-graph step is timed again with the LoRA branches in line instead of on the side stream.
+graph step is timed again with the LoRA branches in line instead of on the side stream; and one
+LoRA-A product per sibling group (q/k/v, gate/up) is checked for the same bits and timed.
 Prints one JSON line per measurement and the top CUDA kernels of one eager step.
 
     python benchmarks/engine_step_probe.py --layers 8 --slots 96
@@ -84,12 +85,28 @@ def main() -> None:
                                   layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj)]
                          + [F.linear(torch.randn(slots, config.intermediate_size, device="cuda", dtype=torch.bfloat16),
                                      layer.mlp.down_proj.base.weight)], 20)
+            # The next exact fusion to weigh: one LoRA-A product per sibling group instead of one per
+            # projection. Worth it only if cuBLAS reduces in the same order at the wider shape.
+            attention = layer.self_attn
+            cast = x.float()
+            concat = {}
+            for group, modules in (("qkv", (attention.q_proj, attention.k_proj, attention.v_proj)),
+                                   ("gate_up", (layer.mlp.gate_proj, layer.mlp.up_proj))):
+                weights = torch.cat([m.lora_A for m in modules])
+                apart = [F.linear(cast, m.lora_A) for m in modules]
+                joined = F.linear(cast, weights).split([m.lora_A.shape[0] for m in modules], dim=1)
+                concat[group] = {
+                    "identical": all(torch.equal(a, b) for a, b in zip(apart, joined)),
+                    "apart_ms": round(timed(lambda ms=modules: [F.linear(cast, m.lora_A) for m in ms], 50), 4),
+                    "joined_ms": round(timed(lambda w=weights: F.linear(cast, w), 50), 4),
+                }
         kv_gb = float(sum(lengths)) * config.num_key_value_heads * 128 * 2 * 2 / 1e9
         say(slots=slots, layers=args.layers, eager_step_ms=round(eager, 2), graph_step_ms=round(graph, 2),
             graph_step_ms_lora_in_line=round(in_line, 2),
             per_layer_graph_ms=round(graph / args.layers, 3), flash_attention_one_layer_ms=round(flash, 3),
-kv_read_gb_per_layer=round(kv_gb, 3),
-            lora_layer_modules_ms=round(projections, 3), bare_bf16_products_ms=round(bare, 3))
+            kv_read_gb_per_layer=round(kv_gb, 3),
+            lora_layer_modules_ms=round(projections, 3), bare_bf16_products_ms=round(bare, 3),
+            lora_a_one_product_per_group=concat)
         if slots == args.slots[0]:
             from torch.profiler import ProfilerActivity, profile
 
