@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -206,7 +205,9 @@ def fits_every_row(blocks: int, rows: int, longest: int, block_size: int) -> boo
     (exactly that, `blocks=None`) is planned instead, and the rest of the GPU stays free. A GRPO
     rollout (32 answers of ~330 positions on the 32B) otherwise took the whole card (a 135 GiB
     peak on an H200) for ~3 GB of keys and values."""
-    return blocks >= rows * math.ceil(longest / block_size) + 1
+    from tracesft.generate.engine import blocks_for_every_row
+
+    return blocks >= blocks_for_every_row(rows, longest, block_size)
 
 
 def generate_options(settings: EvalSettings) -> dict[str, Any]:

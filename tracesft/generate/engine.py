@@ -171,6 +171,12 @@ class EngineStats:
         }
 
 
+def blocks_for_every_row(slots: int, max_len: int, block_size: int) -> int:
+    """KV blocks for every row at `max_len` positions, plus the scratch block idle rows write to:
+    the pool that can never run out (what the engine builds when given no `blocks`)."""
+    return slots * math.ceil(max_len / block_size) + 1
+
+
 def head_dim(config: Any) -> int:
     """Width of one attention head (configs name it, or it follows from the hidden size)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -227,7 +233,7 @@ class Engine:
         self.row_blocks = math.ceil(max_len / self.block_size)  # the longest run a request can need
         # A cache with room for every row at `max_len` never runs out: no watermark needed.
         self.watermark = 0 if blocks is None else math.ceil(blocks * ADMISSION_WATERMARK)
-        blocks = blocks if blocks is not None else slots * self.row_blocks + 1
+        blocks = blocks if blocks is not None else blocks_for_every_row(slots, max_len, self.block_size)
         self.cache = KVPool.for_model(self.config, blocks, self.block_size, self.device, self.dtype)
         self.on_cuda = self.device.type == "cuda"
         # LoRA branches run on it beside the base products (`inference.project`).
