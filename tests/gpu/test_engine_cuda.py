@@ -6,7 +6,7 @@ its decoding form (`for_decoding`: the 4-bit layers dequantised once, LoRA unmer
 - the decode step replayed as a CUDA graph gives the same tokens as the same step run eagerly,
   and the same as with the LoRA branches run in line instead of on a side stream;
 - a KV pool too small for every row grows, moves and compacts runs, preempts and recomputes, and
-  still gives (nearly) the same tokens;
+  every token it picks is within bf16 rounding of the best one under fp32 weights;
 - the engine's logits (FlashAttention over the KV pool) match HF's forward on the same
   weights within bf16 rounding, and its greedy answers match HF `generate` one prompt at a time
   on nearly every token (bf16 kernels of different attention implementations can flip a near-tie).
@@ -17,6 +17,7 @@ through the engine, reproducibly, leaving the policy in training mode.
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -96,9 +97,7 @@ def test_engine_agrees_with_hf_generate(model) -> None:
             out = model.generate(input_ids=torch.tensor([prompt], device="cuda"), max_new_tokens=limit, min_new_tokens=limit,
                                  do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0)
         expected = out[0, len(prompt):].tolist()
-        # Compare up to the first disagreement: after it the two answers continue different texts.
-        agree = next((i for i, (a, b) in enumerate(zip(expected, got[index])) if a != b), len(expected))
-        same, total = same + agree, total + len(expected)
+        same, total = same + _agreement(expected, got[index]), total + len(expected)
     print(f"greedy tokens identical up to the first difference: {same}/{total}")
     assert same >= 0.9 * total
 
@@ -111,8 +110,17 @@ def _agreement(expected: list[int], got: list[int]) -> int:
 def test_a_small_kv_pool_preempts_and_recomputes(model) -> None:
     """Answers that outgrow their runs in a pool too small for all rows: runs grow, move and are
     compacted, the latest admitted request is preempted and recomputed; every answer still ends at
-    its limit, and nearly every token equals a roomy pool's (a recomputed position goes through the
-    prefill kernels, which can flip a bf16 near-tie)."""
+    its limit, and every token is one the model could pick within bf16 rounding.
+
+    Why not "the roomy pool's tokens": on this random tiny model the top two logits are closer than
+    bf16's rounding noise at about one position in six (measured on the CPU: median gap 0.036,
+    noise 0.007, 99th percentile 0.073), and a preempted request's recomputed positions and the
+    smaller row counts after a preemption run other kernels; so one flip early in an answer makes
+    the rest differ, and the share of equal tokens swung from above 90% to 80-85% with unrelated
+    changes. Instead, each answer is teacher-forced through the same weights in fp32, and each
+    token's logit may fall short of the best one there by at most `NOISE_BOUND`: a run reading
+    stale or misplaced keys and values picks tokens the model would not (a random token falls
+    ~0.5 short). The roomy pool's deficits are printed beside for comparison."""
     prompts, limits = _tight_requests(model.config.vocab_size)
     roomy = _run(Engine(model, 4, 512), prompts, limits)
     engine = Engine(model, 4, 512, blocks=65, block_size=16)  # 1,024 positions for 4 requests of up to 350
@@ -120,9 +128,29 @@ def test_a_small_kv_pool_preempts_and_recomputes(model) -> None:
     print(engine.stats)
     assert engine.stats.preemptions and engine.stats.moves
     assert all(len(tight[i]) == limits[i] for i in range(8))
-    agreement = [_agreement(roomy[i], tight[i]) for i in range(8)]
-    print(f"tokens equal to the roomy pool's up to the first difference: {agreement} of {limits}")
-    assert sum(agreement) >= 0.9 * sum(limits)
+    reference = copy.deepcopy(model).float()
+    tight_deficits = _deficits(reference, prompts, tight)
+    roomy_deficits = _deficits(reference, prompts, roomy)
+    print(f"shortfall of the picked token's fp32 logit from the best: tight pool max {tight_deficits.max():.4f} "
+          f"mean {tight_deficits.mean():.5f}; roomy pool max {roomy_deficits.max():.4f} mean {roomy_deficits.mean():.5f}")
+    assert tight_deficits.max() <= NOISE_BOUND
+
+
+# Twice the 99th percentile of the gap between the tiny model's bf16 and fp32 logits (CPU, 2 x 20
+# prompts of 200-300 tokens): within it, a picked token is a bf16 near-tie of the best one.
+NOISE_BOUND = 0.15
+
+
+def _deficits(reference: torch.nn.Module, prompts: list[list[int]], answers: dict[int, list[int]]) -> torch.Tensor:
+    """For every answer token: how far its logit falls below the best logit there, in fp32."""
+    shortfalls = []
+    for index, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt + answers[index]], device="cuda")
+        with torch.inference_mode():
+            logits = reference(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        picked = logits.gather(1, torch.tensor(answers[index], device="cuda")[:, None])[:, 0]
+        shortfalls.append(logits.max(dim=1).values - picked)
+    return torch.cat(shortfalls).cpu()
 
 
 def _tight_requests(vocab: int) -> tuple[list[list[int]], list[int]]:
