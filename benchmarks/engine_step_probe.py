@@ -68,11 +68,14 @@ def main() -> None:
             eager = timed(lambda: engine._decode_logits(slots), 5)
             graph = timed(lambda: engine._decode(slots), 20)
             # The same step with the LoRA branches in line (no side stream): that change's share.
+            # A fresh graph pool too: capturing into the pool of freed graphs trips an allocator assert.
             side, engine.side_stream = engine.side_stream, None
             engine.graphs.clear()
+            engine.graph_pool = None
             in_line = timed(lambda: engine._decode(slots), 20)
             engine.side_stream = side
             engine.graphs.clear()
+            engine.graph_pool = None
             query = torch.randn(slots, config.num_attention_heads, 128, device="cuda", dtype=torch.bfloat16)
             flash = timed(lambda: torch.ops.aten._flash_attention_forward(
                 query, engine.cache.keys[0], engine.cache.values[0], engine.query_starts, engine.key_starts, 1,

@@ -395,7 +395,8 @@ def parse_args() -> argparse.Namespace:
                         help="workload (a) only: every layer recomputed, then the project at each memory_budget_gib")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per path and workload")
     parser.add_argument("--profile", action="store_true",
-                        help="workload (b) only, the project path only: print the top kernels of its timed steps "
+                        help="workload (b) only, the project path as configured and with every layer recomputed (as "
+                             "most of the 64 are at the default budget): print the top kernels of their timed steps "
                              "(tokens/s then include the profiler's cost; use with --layers 2)")
     add_model_arguments(parser)
     parser.add_argument("--out", type=Path, default=None)
@@ -406,7 +407,7 @@ def main() -> int:
     args = parse_args()
     tiny = runs_tiny(args.tiny)
     paths = (budget_paths(args.budgets) if args.budgets else (SEED, PROJECT, *ABLATIONS) if args.ablations
-             else (PROJECT,) if args.profile else (SEED, PROJECT))
+             else (PROJECT, EVERY_LAYER_RECOMPUTED) if args.profile else (SEED, PROJECT))
     workloads = WORKLOADS[1:] if args.profile else WORKLOADS[:1] if args.ablations or args.budgets else WORKLOADS
     report = run(paths, workloads, args.steps, tiny, args.layers, args.workdir, args.profile)
     print_table(report)

@@ -1,8 +1,8 @@
 """GPU check that the decode step's fused kernels give the torch ops' exact bits.
 
 Skipped without CUDA. On a CUDA machine: `python -m pytest tests/gpu/test_fused_ops_cuda.py -m gpu -q -s`.
-Each Triton kernel of `tracesft.generate.fused_ops` is compared with `torch.equal` against the
-torch code it replaces, at the 32B's decode shapes and odd ones; `inference.project` with the LoRA
+Each Triton kernel of `tracesft.generate.fused_ops` (the residual add with the RMS norm included)
+is compared with `torch.equal` against the torch code it replaces, at the 32B's decode shapes and odd ones; `inference.project` with the LoRA
 branches on a side stream (eagerly and replayed from a CUDA graph) against the modules called
 one by one.
 """
@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
 
-from tracesft.generate.fused_ops import add_update, rotary, silu_mul
+from tracesft.generate.fused_ops import add_rms_norm, add_update, rotary, silu_mul
 from tracesft.generate.inference import LoraLinear, project
 
 pytestmark = [
@@ -60,6 +60,22 @@ def test_silu_mul_is_torch_silu_times_up(dtype) -> None:
         gate.view(-1)[:4] = torch.tensor([0.0, -80.0, 80.0, 1e-4], dtype=dtype)
         up = torch.randn(shape, device="cuda", generator=generator).to(dtype)
         assert torch.equal(silu_mul(gate, up), F.silu(gate) * up), shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_rms_norm_is_the_residual_add_and_the_models_norm(dtype) -> None:
+    generator = torch.Generator("cuda").manual_seed(4)
+    for rows, width in [(256, 5120), (8, 5120), (3, 7), (8192, 512)]:
+        norm = Qwen2RMSNorm(width, eps=1e-6).to("cuda", dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(width, device="cuda", generator=generator) * 2)
+        hidden = (torch.randn(rows, width, device="cuda", generator=generator) * 4).to(dtype)
+        update = torch.randn(rows, width, device="cuda", generator=generator).to(dtype)
+        with torch.inference_mode():
+            summed, normed = add_rms_norm(hidden, update, norm)
+            assert torch.equal(summed, hidden + update) and torch.equal(normed, norm(hidden + update)), (rows, width)
+            alone, normed = add_rms_norm(hidden, None, norm)
+            assert alone is hidden and torch.equal(normed, norm(hidden)), (rows, width)
 
 
 def _siblings(rows: int) -> tuple[torch.Tensor, list[LoraLinear]]:

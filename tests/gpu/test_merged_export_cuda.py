@@ -31,7 +31,7 @@ def test_merged_export_of_a_4bit_base_matches_the_unmerged_adapter(tmp_path):
     base = load_base_model(adapter.metadata["base_model"], recipe, "cuda")
     assert getattr(base, "is_loaded_in_4bit", False)
     unmerged = PeftModel.from_pretrained(base, str(adapter.path)).eval()
-    out = export_merged(adapter, tmp_path / "merged", "cuda")
+    out, deviation = export_merged(adapter, tmp_path / "merged", "cuda")
     merged = AutoModelForCausalLM.from_pretrained(out, dtype="auto", device_map={"": 0})
     assert merged.dtype == torch.bfloat16
 
@@ -42,6 +42,6 @@ def test_merged_export_of_a_4bit_base_matches_the_unmerged_adapter(tmp_path):
         logits = merged(**inputs).logits.float()
     error = (logits - reference).abs().max().item()
     print(f"\nmerged vs unmerged (4-bit base) on {torch.cuda.get_device_name()}: max |logit diff| {error:.4f}, "
-          f"logit scale {reference.abs().max().item():.3f}")
+          f"logit scale {reference.abs().max().item():.3f}; the export measured {deviation:.4f}")
     assert error <= 0.05 * reference.abs().max().item()
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9

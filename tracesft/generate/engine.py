@@ -31,11 +31,12 @@ attention (vLLM, SGLang) installs beside this project's pinned torch. So:
 - **Prefill** runs eagerly, packed (no padding), several new requests per call, and writes their
   keys and values into their runs. Refills wait until a sixteenth of the rows are free, so one
   prefill call serves several requests.
-- **Fewer, fuller kernels, same bits.** On CUDA the rotary embedding, SiLU times the gate and
-  each LoRA update's rounding and add are one Triton kernel each (`fused_ops`), and the LoRA
+- **Fewer, fuller kernels, same bits.** On CUDA the rotary embedding, SiLU times the gate,
+  each LoRA update's rounding and add are one Triton kernel each, and each residual add with the
+  RMS norm after it three (torch's own mean between two kernels) (`fused_ops`), and the LoRA
   branches of sibling projections share one cast of their input and run on a side stream beside
   the base products (`inference.project`). Each computes exactly what the torch ops did.
-- **Exactness.** Everything else is the model's own modules: its norms, projections (the
+- **Exactness.** Everything else is the model's own modules: its norm weights, projections (the
   unmerged LoRA of `inference.LoraLinear` included) and head; attention is FlashAttention, as the
   seed's SDPA runs it on the flash backend. Greedy outputs equal HF `generate` one prompt at a
   time (tests/test_engine.py).
@@ -59,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tracesft.generate.fused_ops import rotary, silu_mul
+from tracesft.generate.fused_ops import add_rms_norm, rotary, silu_mul
 from tracesft.generate.inference import project
 from tracesft.generate.kv_pool import KVPool
 
@@ -257,27 +258,25 @@ class Engine:
     # ---- the model, layer by layer ----------------------------------------------------------
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Hidden states after the final norm for `tokens` (one flat row each); `attend` does the rest."""
-        hidden = self.embed(tokens)
+        hidden = self.embed(tokens)  # the residual stream
         cos, sin = self.rotary(hidden, positions[None])
         cos, sin = cos[0], sin[0]
         rows = tokens.shape[0]
         side = self.side_stream
+        output = None  # the last block's output, added to the stream together with the next norm
         for index, layer in enumerate(self.layers):
-            residual = hidden
-            hidden = layer.input_layernorm(hidden)
+            hidden, normed = add_rms_norm(hidden, output, layer.input_layernorm)
             attention = layer.self_attn
-            query, key, value = project(hidden, (attention.q_proj, attention.k_proj, attention.v_proj), side)
+            query, key, value = project(normed, (attention.q_proj, attention.k_proj, attention.v_proj), side)
             query, key = rotary(query.view(rows, self.heads, self.head_dim), key.view(rows, self.kv_heads, self.head_dim),
                                 cos, sin, self.apply_rotary)
             output = attend(index, query, key, value.view(rows, self.kv_heads, self.head_dim))
             (output,) = project(output.reshape(rows, self.heads * self.head_dim), (attention.o_proj,), side)
-            hidden = residual + output
-            residual = hidden
+            hidden, normed = add_rms_norm(hidden, output, layer.post_attention_layernorm)
             mlp = layer.mlp
-            gate, up = project(layer.post_attention_layernorm(hidden), (mlp.gate_proj, mlp.up_proj), side)
+            gate, up = project(normed, (mlp.gate_proj, mlp.up_proj), side)
             (output,) = project(silu_mul(gate, up) if self.silu else mlp.act_fn(gate) * up, (mlp.down_proj,), side)
-            hidden = residual + output
-        return self.norm(hidden)
+        return add_rms_norm(hidden, output, self.norm)[1]
 
     def _decode_logits(self, rows: int) -> torch.Tensor:
         """One decoding step for the first `rows` rows: each new token's keys and values are
