@@ -25,7 +25,7 @@ import torch
 
 from tracesft.config import EvalSettings, TrainingRecipe
 from tracesft.data.sample_data import tokenizer_corpus
-from tracesft.generate.engine import Engine
+from tracesft.generate.engine import Engine, free_gpu_bytes
 from tracesft.generate.inference import for_decoding
 from tracesft.train.modeling import load_base_model
 from tracesft.train.tiny_model import build_tiny_model
@@ -152,6 +152,20 @@ def _deficits(reference: torch.nn.Module, prompts: list[list[int]], answers: dic
         picked = logits.gather(1, torch.tensor(answers[index], device="cuda")[:, None])[:, 0]
         shortfalls.append(logits.max(dim=1).values - picked)
     return torch.cat(shortfalls).cpu()
+
+
+def test_free_memory_respects_a_per_process_cap() -> None:
+    """Under `set_per_process_memory_fraction` (an 80 GB card stood in for by a bigger one) the KV
+    pool may plan only what the cap leaves."""
+    device = torch.device("cuda")
+    total = torch.cuda.get_device_properties(device).total_memory
+    uncapped = free_gpu_bytes(device)
+    torch.cuda.set_per_process_memory_fraction(0.25, device)
+    try:
+        capped = free_gpu_bytes(device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    assert capped <= 0.25 * total - torch.cuda.memory_reserved(device) + 1 and capped < uncapped
 
 
 def _tight_requests(vocab: int) -> tuple[list[list[int]], list[int]]:

@@ -192,10 +192,17 @@ def free_gpu_bytes(device: torch.device) -> int:
     allocated beside the bf16 copies on the 32B (H200), a fifth of the KV pool. And freed blocks
     sit in segments too small for a layer's cache, so counting the allocator's reserve as free
     promised memory that could not be had (two out-of-memory restarts in the first H200 run).
+    Where this process's allocator is capped (`torch.cuda.set_per_process_memory_fraction`, to
+    share the card or to stand in for a smaller one), only what the cap leaves counts: the device's
+    free memory alone sized a 115 GiB pool under an 80 GiB cap, which ran out at once.
     """
     gc.collect()
     torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info(device)[0]
+    free, total = torch.cuda.mem_get_info(device)
+    # Older torch releases (the GPU image's 2.11 among them, perhaps) cannot report a cap.
+    read_cap = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
+    fraction = read_cap(device)
+    return min(free, int(fraction * total) - torch.cuda.memory_reserved(device))
 
 
 def kv_bytes_per_position(config: Any, dtype: torch.dtype) -> int:
