@@ -157,7 +157,7 @@ def _deficits(reference: torch.nn.Module, prompts: list[list[int]], answers: dic
 def test_free_memory_respects_a_per_process_cap() -> None:
     """Under `set_per_process_memory_fraction` (an 80 GB card stood in for by a bigger one) the KV
     pool may plan only what the cap leaves."""
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())  # the cap's setter wants an index
     total = torch.cuda.get_device_properties(device).total_memory
     uncapped = free_gpu_bytes(device)
     torch.cuda.set_per_process_memory_fraction(0.25, device)
