@@ -55,8 +55,9 @@ def engine_rollout(tokenizer: Any, settings: GrpoSettings) -> Any:
                        sampling=Sampling(settings.temperature, settings.top_p, generator))
         finally:
             policy.train(was_training)
-            # The KV pool is sized to the free GPU memory and the decode graphs keep a memory pool
-            # of their own: hand both to the update phase now, not when the collector finds them.
+            # The KV pool (the free GPU memory when every row at full length does not fit) and the
+            # decode graphs' own memory pool: hand both to the update phase now, not when the
+            # collector finds them.
             del engine
             if decoder.device.type == "cuda":
                 gc.collect()
