@@ -199,10 +199,8 @@ def free_gpu_bytes(device: torch.device) -> int:
     gc.collect()
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    # Older torch releases (the GPU image's 2.11 among them, perhaps) cannot report a cap.
-    read_cap = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
-    fraction = read_cap(device)
-    return min(free, int(fraction * total) - torch.cuda.memory_reserved(device))
+    cap = int(torch.cuda.get_per_process_memory_fraction(device) * total)
+    return min(free, cap - torch.cuda.memory_reserved(device))
 
 
 def kv_bytes_per_position(config: Any, dtype: torch.dtype) -> int:

@@ -96,9 +96,11 @@ def add_rms_norm(hidden: torch.Tensor, update: torch.Tensor | None, norm: nn.Mod
     and multiplies by the weight. `rsqrt` is libdevice's, the same approximate instruction torch's
     CUDA kernel calls.
     """
-    if not (_on_triton(hidden, norm.weight) and hidden.dtype in _HALF_DTYPES and norm.weight.dtype == hidden.dtype
-            and type(norm).__name__ in _LLAMA_RMS_NORMS and (update is None or (_on_triton(update) and update.dtype == hidden.dtype
-                                                                               and update.shape == hidden.shape))):
+    fused = (_on_triton(hidden, norm.weight) and hidden.dtype in _HALF_DTYPES and norm.weight.dtype == hidden.dtype
+             and type(norm).__name__ in _LLAMA_RMS_NORMS)
+    if update is not None:
+        fused = fused and _on_triton(update) and update.dtype == hidden.dtype and update.shape == hidden.shape
+    if not fused:
         if update is not None:
             hidden = hidden + update
         return hidden, norm(hidden)
