@@ -80,7 +80,8 @@ class LoraLinear(nn.Module):
         return self.combine(self.base(x), self.update(x.to(self.lora_A.dtype)))
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
-        """The low-rank update of `x`, already in the adapter's dtype (before scaling)."""
+        """The low-rank update of `x`, already in the adapter's dtype (scaled only where the scaling
+        was folded into `lora_B`; `combine` applies any other)."""
         return F.linear(F.linear(x, self.lora_A), self.lora_B)
 
     def combine(self, result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
