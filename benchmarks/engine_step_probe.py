@@ -2,13 +2,13 @@
 
 Builds `--layers` layers of the 32B architecture (NF4 + random LoRA, then `for_decoding`:
 dequantised once, LoRA unmerged), fills `--slots` slots with contexts of random length in
-[`--min-context`, `--max-context`], and times: the decode step eagerly and as a CUDA graph, the
-attention kernel alone for one layer, and the bare bf16 products of one layer's projections; the
-graph step is timed again with the LoRA branches in line instead of on the side stream; and one
-LoRA-A product per sibling group (q/k/v, gate/up) is checked for the same bits and timed.
-Prints one JSON line per measurement and the top CUDA kernels of one eager step.
+[`--min-context`, `--max-context`], and times: the decode step as a CUDA graph (as shipped: the
+side stream below `SIDE_STREAM_BELOW_ROWS` rows), again with the side stream's choice flipped, and
+eagerly; the attention kernel alone for one layer; the bare bf16 products of one layer's
+projections; and one prefill call (`PREFILL_TOKENS` tokens), without and with the side stream. Prints one JSON line per row count
+and the top CUDA kernels of one eager step and of the prefill call.
 
-    python benchmarks/engine_step_probe.py --layers 8 --slots 96
+    python benchmarks/engine_step_probe.py --layers 8 --slots 256 128 64 32 16 8
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,6 +34,9 @@ from tracesft.generate.engine import Engine, _Request  # noqa: E402
 from tracesft.generate.inference import for_decoding  # noqa: E402
 
 
+PREFILL_PROMPT = 300  # tokens per prompt in the timed prefill call (the split's mean is 302)
+
+
 def timed(fn, repeats: int) -> float:
     fn()
     torch.cuda.synchronize()
@@ -41,6 +45,13 @@ def timed(fn, repeats: int) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / repeats * 1000
+
+
+def recaptured(engine: Engine, rows: int) -> float:
+    """The graph step's milliseconds, captured afresh under the engine's settings of now."""
+    engine.graphs.clear()
+    engine.graph_pool = None
+    return timed(lambda: engine._decode(rows), 20)
 
 
 def main() -> None:
@@ -65,15 +76,13 @@ def main() -> None:
                           for i, n in enumerate(lengths)]
         engine._set_step_inputs()
         with torch.inference_mode():
-            eager = timed(lambda: engine._decode_logits(slots), 5)
             graph = timed(lambda: engine._decode(slots), 20)
-            # The same step with the LoRA branches in line (no side stream): that change's share.
-            # A fresh graph pool too: capturing into the pool of freed graphs trips an allocator assert.
-            side, engine.side_stream = engine.side_stream, None
-            engine.graphs.clear()
-            engine.graph_pool = None
-            in_line = timed(lambda: engine._decode(slots), 20)
-            engine.side_stream = side
+            # The same step with the side stream's choice flipped for this row count: its share.
+            shipped_side = slots < engine.side_stream_below_rows
+            shipped_threshold, engine.side_stream_below_rows = engine.side_stream_below_rows, 0 if shipped_side else slots + 1
+            flipped = recaptured(engine, slots)
+            engine.side_stream_below_rows = shipped_threshold
+            eager = timed(lambda: engine._decode_logits(slots), 5)
             engine.graphs.clear()
             engine.graph_pool = None
             query = torch.randn(slots, config.num_attention_heads, 128, device="cuda", dtype=torch.bfloat16)
@@ -88,34 +97,38 @@ def main() -> None:
                                   layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj)]
                          + [F.linear(torch.randn(slots, config.intermediate_size, device="cuda", dtype=torch.bfloat16),
                                      layer.mlp.down_proj.base.weight)], 20)
-            # The next exact fusion to weigh: one LoRA-A product per sibling group instead of one per
-            # projection. Worth it only if cuBLAS reduces in the same order at the wider shape.
-            attention = layer.self_attn
-            cast = x.float()
-            concat = {}
-            for group, modules in (("qkv", (attention.q_proj, attention.k_proj, attention.v_proj)),
-                                   ("gate_up", (layer.mlp.gate_proj, layer.mlp.up_proj))):
-                weights = torch.cat([m.lora_A for m in modules])
-                apart = [F.linear(cast, m.lora_A) for m in modules]
-                joined = F.linear(cast, weights).split([m.lora_A.shape[0] for m in modules], dim=1)
-                concat[group] = {
-                    "identical": all(torch.equal(a, b) for a, b in zip(apart, joined)),
-                    "apart_ms": round(timed(lambda ms=modules: [F.linear(cast, m.lora_A) for m in ms], 50), 4),
-                    "joined_ms": round(timed(lambda w=weights: F.linear(cast, w), 50), 4),
-                }
+            # A prefill call as the engine makes it: PREFILL_TOKENS tokens of ~300-token prompts.
+            prefill = {}
+            count = min(slots, engine_module.PREFILL_TOKENS // PREFILL_PROMPT)
+            if count:
+                prompts = torch.randint(3, config.vocab_size, (count, PREFILL_PROMPT)).tolist()
+                starts = runs[:count]
+                prefill_ms = timed(lambda: engine._prefill_logits(prompts, starts), 3)
+                # Prefill with the LoRA products on the side stream, as the engine ran it before.
+                forward = engine._forward
+                engine._forward = lambda *args: forward(*args, side=engine.side_stream)
+                prefill_side_ms = timed(lambda: engine._prefill_logits(prompts, starts), 3)
+                engine._forward = forward
+                flop = 2 * count * PREFILL_PROMPT * sum(p.numel() for n, p in layer.named_parameters() if "lora" not in n) * args.layers
+                prefill = {"tokens": count * PREFILL_PROMPT, "ms": round(prefill_ms, 2), "ms_side_stream": round(prefill_side_ms, 2),
+                           "dense_tflop_per_s": round(flop / prefill_ms / 1e9, 1)}
         kv_gb = float(sum(lengths)) * config.num_key_value_heads * 128 * 2 * 2 / 1e9
         say(slots=slots, layers=args.layers, eager_step_ms=round(eager, 2), graph_step_ms=round(graph, 2),
-            graph_step_ms_lora_in_line=round(in_line, 2),
+            side_stream=shipped_side, graph_step_ms_side_stream_flipped=round(flipped, 2),
             per_layer_graph_ms=round(graph / args.layers, 3), flash_attention_one_layer_ms=round(flash, 3),
             kv_read_gb_per_layer=round(kv_gb, 3),
             lora_layer_modules_ms=round(projections, 3), bare_bf16_products_ms=round(bare, 3),
-            lora_a_one_product_per_group=concat)
-        if slots == args.slots[0]:
-            from torch.profiler import ProfilerActivity, profile
-
+            prefill=prefill)
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine._decode_logits(slots)
+            torch.cuda.synchronize()
+        print(f"top kernels of one eager step at {slots} rows", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60), flush=True)
+        if prefill:
             with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-                engine._decode_logits(slots)
+                engine._prefill_logits(prompts, starts)
                 torch.cuda.synchronize()
+            print(f"top kernels of one prefill call of {prefill['tokens']} tokens", flush=True)
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60), flush=True)
         del engine
         torch.cuda.empty_cache()

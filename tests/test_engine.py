@@ -17,7 +17,7 @@ from torch import nn
 from tracesft.config import EvalSettings
 from tracesft.data.sample_data import tokenizer_corpus
 from tracesft.generate.batching import GenerationCache, engine_decoder, fits_every_row, generate_all, stop_tokens
-from tracesft.generate.engine import Engine, Sampling, supports
+from tracesft.generate.engine import SIDE_STREAM_BELOW_ROWS, Engine, Sampling, supports
 from tracesft.generate.inference import prepare_for_inference
 from tracesft.train.modeling import load_tokenizer
 from tracesft.train.tiny_model import build_tiny_model
@@ -96,6 +96,23 @@ def test_a_cache_too_small_for_all_rows_preempts_and_still_decodes_exactly(tiny)
     print(engine.stats)
     assert engine.stats.preemptions and engine.stats.moves and engine.stats.compactions
     assert engine.cache.free_blocks == 32  # every run returned
+
+
+def test_the_lora_side_stream_serves_small_steps_only_unless_nf4_layers_hide_it(tiny) -> None:
+    """Dense weights: the LoRA products go beside the base products only below
+    SIDE_STREAM_BELOW_ROWS rows (above, they slow the base products down); kept NF4 layers hide
+    them at every row count (measured on the 32B, see the constant)."""
+    import copy
+    import math
+
+    import bitsandbytes as bnb
+
+    model, _ = tiny
+    assert Engine(model, 4, 64).side_stream_below_rows == SIDE_STREAM_BELOW_ROWS
+    nf4 = copy.deepcopy(model)
+    mlp = nf4.model.layers[0].mlp
+    mlp.down_proj.base = bnb.nn.Linear4bit(mlp.down_proj.base.in_features, mlp.down_proj.base.out_features, bias=False)
+    assert Engine(nf4, 4, 64).side_stream_below_rows == math.inf
 
 
 def test_a_pool_with_room_for_every_row_is_planned_at_that_size_not_at_the_free_memory() -> None:

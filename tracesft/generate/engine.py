@@ -34,8 +34,9 @@ attention (vLLM, SGLang) installs beside this project's pinned torch. So:
 - **Fewer, fuller kernels, same bits.** On CUDA the rotary embedding, SiLU times the gate,
   each LoRA update's rounding and add are one Triton kernel each, and each residual add with the
   RMS norm after it three (torch's own mean between two kernels) (`fused_ops`), and the LoRA
-  branches of sibling projections share one cast of their input and run on a side stream beside
-  the base products (`inference.project`). Each computes exactly what the torch ops did.
+  branches of sibling projections share one cast of their input and, in decode steps of fewer
+  than `SIDE_STREAM_BELOW_ROWS` rows (any, with NF4 layers), run on a side stream beside the base
+  products (`inference.project`). Each computes exactly what the torch ops did.
 - **Exactness.** Everything else is the model's own modules: its norm weights, projections (the
   unmerged LoRA of `inference.LoraLinear` included) and head; attention is FlashAttention, as the
   seed's SDPA runs it on the flash backend. Greedy outputs equal HF `generate` one prompt at a
@@ -61,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tracesft.generate.fused_ops import add_rms_norm, rotary, silu_mul
-from tracesft.generate.inference import project
+from tracesft.generate.inference import has_4bit_layers, project
 from tracesft.generate.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,16 @@ CPU_BLOCK_SIZE = 16
 GROWTH_BLOCKS = 2
 # Decode at row counts from the full batch down to 1/32 of it, halving: each is one captured graph.
 SMALLEST_BUCKET_SHARE = 1 / 32
+# Decode steps with fewer rows than this run the LoRA products on a side stream beside the base
+# products (`inference.project`) where the base is dense; prefill never does. Measured on the 32B's
+# layers (H200, 8 layers, graph step, benchmarks/engine_step_probe.py): 8 rows 4.08 -> 3.88 ms with
+# it, 32 rows 4.58 -> 4.38, 64 rows even (5.35 / 5.31), but 128 rows 6.67 -> 7.33, 256 rows 9.48 ->
+# 10.11, and a prefill call of 8,100 tokens 129 -> 139 ms: where the bf16 products fill the GPU,
+# the rank-16 products beside them only slow them down. Kept NF4 layers are different:
+# bitsandbytes dequantises every weight in kernels of its own before each product, and the LoRA
+# products hide in those (whole 32B, 300 requests: 128 rows 84.6 ms a step with the side stream,
+# 88.7 without; 256 rows 100.0 and 101.2), so with NF4 layers every decode step uses it.
+SIDE_STREAM_BELOW_ROWS = 128
 # Blocks kept free when admitting beside running requests, for their growth (vLLM keeps 1% too):
 # fewer preemptions, each of which recomputes a request's prompt and answer so far.
 ADMISSION_WATERMARK = 0.01
@@ -242,8 +253,9 @@ class Engine:
         blocks = blocks if blocks is not None else blocks_for_every_row(slots, max_len, self.block_size)
         self.cache = KVPool.for_model(self.config, blocks, self.block_size, self.device, self.dtype)
         self.on_cuda = self.device.type == "cuda"
-        # LoRA branches run on it beside the base products (`inference.project`).
+        # LoRA branches run on it beside the base products in small decode steps (`inference.project`).
         self.side_stream = torch.cuda.Stream(self.device) if self.on_cuda else None
+        self.side_stream_below_rows = math.inf if has_4bit_layers(model) else SIDE_STREAM_BELOW_ROWS
         self.use_graphs = self.on_cuda if cuda_graphs is None else cuda_graphs
         self.buckets = sorted({slots} | {2**k for k in range(slots.bit_length()) if slots * SMALLEST_BUCKET_SHARE <= 2**k < slots})
         # The decode step's inputs live in fixed tensors, so a captured graph reads whatever they hold.
@@ -261,13 +273,14 @@ class Engine:
         self.stats = EngineStats()
 
     # ---- the model, layer by layer ----------------------------------------------------------
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Hidden states after the final norm for `tokens` (one flat row each); `attend` does the rest."""
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                 side: torch.cuda.Stream | None = None) -> torch.Tensor:
+        """Hidden states after the final norm for `tokens` (one flat row each); `attend` does the
+        rest; the LoRA products run on `side` if given (`inference.project`)."""
         hidden = self.embed(tokens)  # the residual stream
         cos, sin = self.rotary(hidden, positions[None])
         cos, sin = cos[0], sin[0]
         rows = tokens.shape[0]
-        side = self.side_stream
         output = None  # the last block's output, added to the stream together with the next norm
         for index, layer in enumerate(self.layers):
             hidden, normed = add_rms_norm(hidden, output, layer.input_layernorm)
@@ -299,7 +312,8 @@ class Engine:
                 )[0]
             return self._masked_decode_attention(query, keys, values, starts[:-1], lengths)
 
-        hidden = self._forward(self.step_tokens[:rows], self.step_positions[:rows], attend)
+        side = self.side_stream if rows < self.side_stream_below_rows else None
+        hidden = self._forward(self.step_tokens[:rows], self.step_positions[:rows], attend, side)
         return self.head(hidden)
 
     def _masked_decode_attention(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -96,26 +96,26 @@ def project(x: torch.Tensor, modules: Sequence[nn.Module], side_stream: torch.cu
 
     Where all of them are `LoraLinear`s with one adapter dtype, `x` is cast to that dtype once
     instead of once per module, and on a GPU, given `side_stream`, the LoRA branches run on it
-    beside the base products: at decode the branch's products are tiny (rank 16) and leave the GPU
-    mostly idle (11-17 us each for ~4 blocks of threads in the 256-row profile), so they can hide
-    behind the base products on the main stream. Every kernel is the same as in `module(x)`, so
-    are the results. The side stream waits for the main stream before it starts and the main
-    stream for it before the updates are added: memory either stream frees is reused only after
-    both reached that point, also inside a captured CUDA graph.
+    beside the base products: the branch's products are tiny (rank 16; 11-17 us each for ~4
+    blocks of threads in the 256-row decode profile), so where the base products leave most of the
+    GPU idle (decoding a few rows) they hide behind them; where the base products fill it they
+    only slow them down (the engine's `SIDE_STREAM_BELOW_ROWS`). Every kernel is the same as in
+    `module(x)`, so are the results. The side stream waits for the main stream before it starts
+    and the main stream for it before the updates are added: memory either stream frees is reused
+    only after both reached that point, also inside a captured CUDA graph.
     """
     dtypes = {module.lora_A.dtype for module in modules if isinstance(module, LoraLinear)}
     if len(dtypes) != 1 or not all(isinstance(module, LoraLinear) for module in modules):
         return [module(x) for module in modules]
     (dtype,) = dtypes
-    if side_stream is None:
-        cast = x.to(dtype)
-        return [module.combine(module.base(x), module.update(cast)) for module in modules]
-    side_stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side_stream):
+    if side_stream is not None:
+        side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side_stream):  # no stream: this stream
         cast = x.to(dtype)
         updates = [module.update(cast) for module in modules]
     results = [module.base(x) for module in modules]
-    torch.cuda.current_stream().wait_stream(side_stream)
+    if side_stream is not None:
+        torch.cuda.current_stream().wait_stream(side_stream)
     return [module.combine(result, update) for module, result, update in zip(modules, results, updates)]
 
 
@@ -250,7 +250,7 @@ def for_decoding(model: nn.Module, settings: EvalSettings) -> nn.Module:
     """The fast decoding form of a loaded model: PEFT's wrappers gone (`prepare_for_inference`),
     and its 4-bit layers dequantised once where the GPU has room (`room_to_dequantize`)."""
     model = prepare_for_inference(model)
-    if _is_4bit(model):
+    if has_4bit_layers(model):
         if room_to_dequantize(model, settings):
             logger.info("Dequantised %d 4-bit layers to bf16 once: decoding reads bf16 weights.", dequantize_base(model))
         else:
@@ -258,7 +258,7 @@ def for_decoding(model: nn.Module, settings: EvalSettings) -> nn.Module:
     return model
 
 
-def _is_4bit(model: nn.Module) -> bool:
+def has_4bit_layers(model: nn.Module) -> bool:
     """Whether bitsandbytes 4-bit layers are left (by class name: importing bitsandbytes on a
     CPU-only machine prints warnings for nothing)."""
     return any(type(module).__name__ == "Linear4bit" for module in model.modules())
@@ -273,7 +273,7 @@ def engine_name(model: nn.Module, recipe: TrainingRecipe, settings: EvalSettings
     """
     quantized = quantization_config(recipe, device) is not None
     weights = f"{recipe.bnb_4bit_quant_type}{'-dq' if recipe.use_double_quant else ''}" if quantized else "dense"
-    if quantized and not _is_4bit(model):
+    if quantized and not has_4bit_layers(model):
         weights += ">bf16"
     from tracesft.generate.engine import supports
 
