@@ -32,11 +32,13 @@ bf16 LoRA (back to fp32 under bf16 autocast, as PEFT makes them and the seed's T
 `--budgets 40 70` runs, on workload (a), the production path with every layer recomputed
 (`memory_budget_gib: null`) and then at each `training.memory_budget_gib`: tokens/s, the measured
 peak, and the plan's kept layers and estimated peak (`tracesft.train.memory_plan`), to calibrate it.
+`--workload uniform_4096` runs either of them (or `--profile`) on the other workload instead.
 
     python benchmarks/train_throughput.py               # one H200, ~6 min: results/train_throughput.json
     python benchmarks/train_throughput.py --ablations   # one H200, ~6 min: results/train_throughput_ablations.json
     python benchmarks/train_throughput.py --budgets 40 70  # one H200: results/train_throughput_budgets.json
-    python benchmarks/train_throughput.py --profile --layers 2  # one H200: top kernels of the project path, workload (b)
+    python benchmarks/train_throughput.py --budgets 40 70 --workload uniform_4096  # ..._budgets_uniform_4096.json
+    python benchmarks/train_throughput.py --profile --layers 8  # one H200: top kernels of the project path, workload (b)
     python benchmarks/train_throughput.py --tiny        # CPU plumbing check, tiny Qwen2: *_tiny.json (git-ignored)
 """
 
@@ -393,11 +395,13 @@ def parse_args() -> argparse.Namespace:
                         help="workload (a) only: seed, project, and the project without each of its pieces")
     parser.add_argument("--budgets", type=float, nargs="+", metavar="GIB",
                         help="workload (a) only: every layer recomputed, then the project at each memory_budget_gib")
+    parser.add_argument("--workload", choices=WORKLOADS, default=None,
+                        help="only this workload (default: both; (a) with --ablations or --budgets, (b) with --profile)")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per path and workload")
     parser.add_argument("--profile", action="store_true",
-                        help="workload (b) only, the project path as configured and with every layer recomputed (as "
-                             "most of the 64 are at the default budget): print the top kernels of their timed steps "
-                             "(tokens/s then include the profiler's cost; use with --layers 2)")
+                        help="the project path as configured and with every layer recomputed (as most of the 64 are "
+                             "at the default budget), on workload (b) unless --workload says: print the top kernels of "
+                             "their timed steps (tokens/s then include the profiler's cost; use with --layers 8)")
     add_model_arguments(parser)
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args()
@@ -408,10 +412,12 @@ def main() -> int:
     tiny = runs_tiny(args.tiny)
     paths = (budget_paths(args.budgets) if args.budgets else (SEED, PROJECT, *ABLATIONS) if args.ablations
              else (PROJECT, EVERY_LAYER_RECOMPUTED) if args.profile else (SEED, PROJECT))
-    workloads = WORKLOADS[1:] if args.profile else WORKLOADS[:1] if args.ablations or args.budgets else WORKLOADS
+    workloads = ((args.workload,) if args.workload else WORKLOADS[1:] if args.profile
+                 else WORKLOADS[:1] if args.ablations or args.budgets else WORKLOADS)
     report = run(paths, workloads, args.steps, tiny, args.layers, args.workdir, args.profile)
     print_table(report)
     name = ("train_throughput" + ("_ablations" if args.ablations else "") + ("_budgets" if args.budgets else "")
+            + (f"_{args.workload}" if args.workload and (args.ablations or args.budgets) else "")
             + ("_profile" if args.profile else "") + ("_tiny" if tiny else ""))
     out = args.out or RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
