@@ -32,7 +32,9 @@ bf16 LoRA (back to fp32 under bf16 autocast, as PEFT makes them and the seed's T
 `--budgets 40 70` runs, on workload (a), the production path with every layer recomputed
 (`memory_budget_gib: null`) and then at each `training.memory_budget_gib`: tokens/s, the measured
 peak, and the plan's kept layers and estimated peak (`tracesft.train.memory_plan`), to calibrate it.
-`--workload uniform_4096` runs either of them (or `--profile`) on the other workload instead.
+`--packing-lengths 8192 4096` runs the production path at each `training.packing_length`: rows
+hold the same tokens per optimizer step either way, shorter rows leave the budget room for more
+kept layers. `--workload uniform_4096` runs any of these (or `--profile`) on one workload only.
 
     python benchmarks/train_throughput.py               # one H200, ~6 min: results/train_throughput.json
     python benchmarks/train_throughput.py --ablations   # one H200, ~6 min: results/train_throughput_ablations.json
@@ -192,6 +194,12 @@ ABLATIONS = (
     TrainingPath("project, fp32 LoRA", change=lora_in_fp32),
 )
 EVERY_LAYER_RECOMPUTED = TrainingPath("project, every layer recomputed", recipe={"memory_budget_gib": None})
+
+
+def packing_paths(lengths: list[int]) -> tuple[TrainingPath, ...]:
+    """The project at each `training.packing_length` (default budget): longer rows amortise per-row
+    work, shorter ones leave the budget room for more layers that keep their activations."""
+    return tuple(TrainingPath(f"project, rows of <= {length}", recipe={"packing_length": length}) for length in lengths)
 
 
 def budget_paths(budgets: list[float]) -> tuple[TrainingPath, ...]:
@@ -395,6 +403,8 @@ def parse_args() -> argparse.Namespace:
                         help="workload (a) only: seed, project, and the project without each of its pieces")
     parser.add_argument("--budgets", type=float, nargs="+", metavar="GIB",
                         help="workload (a) only: every layer recomputed, then the project at each memory_budget_gib")
+    parser.add_argument("--packing-lengths", type=int, nargs="+", metavar="TOKENS",
+                        help="the project at each training.packing_length instead of seed and project")
     parser.add_argument("--workload", choices=WORKLOADS, default=None,
                         help="only this workload (default: both; (a) with --ablations or --budgets, (b) with --profile)")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per path and workload")
@@ -411,13 +421,15 @@ def main() -> int:
     args = parse_args()
     tiny = runs_tiny(args.tiny)
     paths = (budget_paths(args.budgets) if args.budgets else (SEED, PROJECT, *ABLATIONS) if args.ablations
+             else packing_paths(args.packing_lengths) if args.packing_lengths
              else (PROJECT, EVERY_LAYER_RECOMPUTED) if args.profile else (SEED, PROJECT))
     workloads = ((args.workload,) if args.workload else WORKLOADS[1:] if args.profile
                  else WORKLOADS[:1] if args.ablations or args.budgets else WORKLOADS)
     report = run(paths, workloads, args.steps, tiny, args.layers, args.workdir, args.profile)
     print_table(report)
     name = ("train_throughput" + ("_ablations" if args.ablations else "") + ("_budgets" if args.budgets else "")
-            + (f"_{args.workload}" if args.workload and (args.ablations or args.budgets) else "")
+            + ("_packing" if args.packing_lengths else "")
+            + (f"_{args.workload}" if args.workload and (args.ablations or args.budgets or args.packing_lengths) else "")
             + ("_profile" if args.profile else "") + ("_tiny" if tiny else ""))
     out = args.out or RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
