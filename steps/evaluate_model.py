@@ -40,6 +40,6 @@ def evaluate_model(
     if report.validation is not None:
         metadata["validation_f1"] = report.validation.scores.f1
     if report.generation is not None:
-        metadata |= report.generation.model_dump()
+        metadata |= report.generation.model_dump(exclude_none=True)  # ZenML metadata takes no None
     log_metadata(metadata)
     return report

@@ -95,6 +95,8 @@ def test_a_cache_too_small_for_all_rows_preempts_and_still_decodes_exactly(tiny)
     assert got == expected
     print(engine.stats)
     assert engine.stats.preemptions and engine.stats.moves and engine.stats.compactions
+    # Tokens recomputed after a preemption are not counted again: only what the answers hold.
+    assert engine.stats.generated_tokens == sum(map(len, got.values()))
     assert engine.cache.free_blocks == 32  # every run returned
 
 
@@ -201,3 +203,4 @@ def test_stats_account_for_every_step_row_and_second(tiny) -> None:
     assert 0 < stats.tail_steps < stats.steps and 0 < stats.tail_s < stats.decode_s
     assert 0 < stats.prefill_s + stats.decode_s <= stats.run_s and summary["scheduling_s"] >= 0
     assert summary["mean_busy_rows"] == round(stats.busy_rows / stats.steps, 1) <= 4
+    assert summary["generated_tokens"] == sum(limits) and summary["tokens_per_s"] == round(sum(limits) / stats.run_s, 1)

@@ -23,6 +23,7 @@ from tracesft.evaluate.eval_report import render_evaluation_html
 from tracesft.evaluate.eval_set import load_eval_set, validation_problems
 from tracesft.evaluate.eval_tracking import ARTIFACT_DIR, log_evaluation_run
 from tracesft.evaluate.evaluation import EvalReport, Prediction, evaluate, score_predictions
+from tracesft.generate.batching import GenerationStats
 from tracesft.generate.inference import LoraLinear, prepare_for_inference, project
 from tracesft.train.modeling import load_base_model
 from tracesft.data.sample_data import DATA, EVAL_CSV, tokenizer_corpus
@@ -128,14 +129,20 @@ def test_evaluate_scores_three_sets_and_resumes_from_its_cache(model_dir: Path, 
     assert "Z" in report.renamed.predictions[0].input and report.predictions[0].input == problems[0].query
     assert report.generation.generated == 14 and report.generation.from_cache == 0
     assert report.generation.engine == "dense-engine-fp32"
+    # What generation cost, counted by the engine: 14 answers of at most 6 new tokens.
+    assert report.generation.seconds > 0 and 14 <= report.generation.generated_tokens <= 14 * 6
+    assert report.generation.tokens_per_s == round(report.generation.generated_tokens / report.generation.seconds, 1)
+    assert report.generation.preemptions == 0 and "tokens_per_s" in report.generation.model_dump()
 
     again = evaluate(str(model_dir), problems, settings, TrainingRecipe(), "cpu", validation=validation)
     assert again.generation.generated == 0 and again.generation.from_cache == 14
+    assert again.generation.generated_tokens == 0  # all from the cache
     assert [p.output for p in again.predictions] == [p.output for p in report.predictions]
     assert "robustness_f1_drop" in again.model_dump()
 
     seed_path = evaluate(str(model_dir), problems, settings.model_copy(update={"fast_inference": False}), TrainingRecipe(), "cpu")
     assert seed_path.generation.generated == 12  # another engine: its own cache entries
+    assert seed_path.generation.generated_tokens is None and seed_path.generation.tokens_per_s is None  # not counted by HF
     assert [p.output for p in seed_path.predictions] == [p.output for p in report.predictions]
 
 
@@ -153,7 +160,10 @@ def _report(model: str, answers: list[str]) -> EvalReport:
     from tracesft.evaluate.evaluation import SetResult
 
     renamed = SetResult(scores=score_predictions(predictions[::-1][: len(predictions)]), predictions=predictions)
-    return EvalReport(model=model, scores=score_predictions(predictions), predictions=predictions, renamed=renamed)
+    generation = GenerationStats(examples=len(answers), from_cache=0, generated=len(answers), final_batch_size=4,
+                                 engine="nf4-dq>bf16-engine-bf16", seconds=2.0, generated_tokens=50, preemptions=0)
+    return EvalReport(model=model, scores=score_predictions(predictions), predictions=predictions, renamed=renamed,
+                      generation=generation)
 
 
 def test_compare_models_and_its_report(tmp_path: Path) -> None:
@@ -213,6 +223,7 @@ def test_evaluation_is_logged_into_the_training_run(tmp_path: Path, monkeypatch:
     assert metrics["f1_difference_ci_low"] == pytest.approx(comparison.f1_difference.low)
     assert "base_renamed_f1" in metrics and "finetuned_robustness_f1_drop" in metrics
     assert any(name.startswith("finetuned_f1_template_") for name in metrics)
+    assert metrics["base_generation_s"] == 2.0 and metrics["finetuned_generation_tokens_per_s"] == 25.0
     artifacts = {a.path for a in client.list_artifacts(run_id, ARTIFACT_DIR)}
     assert {f"{ARTIFACT_DIR}/report.html", f"{ARTIFACT_DIR}/f1_by_template.png", f"{ARTIFACT_DIR}/comparison.json",
             f"{ARTIFACT_DIR}/base_eval_predictions.json", f"{ARTIFACT_DIR}/finetuned_renamed_predictions.json"} <= artifacts

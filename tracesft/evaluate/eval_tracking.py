@@ -24,7 +24,8 @@ _METRICS = ("f1", "precision", "recall", "accuracy", "parse_failure_rate")
 
 
 def evaluation_metrics(report: EvalReport, prefix: str) -> dict[str, float]:
-    """`{prefix}_f1` … on the eval set, `{prefix}_renamed_*`, `{prefix}_validation_*`, breakdowns."""
+    """`{prefix}_f1` … on the eval set, `{prefix}_renamed_*`, `{prefix}_validation_*`, breakdowns,
+    and what generation took (`{prefix}_generation_s`, and `_tokens_per_s` where the engine counted)."""
     metrics = _scores(report.scores, prefix)
     for group, scores in report.scores.by_template.items():
         metrics[f"{prefix}_f1_template_{_slug(group)}"] = scores.f1
@@ -35,6 +36,11 @@ def evaluation_metrics(report: EvalReport, prefix: str) -> dict[str, float]:
         metrics[f"{prefix}_robustness_f1_drop"] = float(report.robustness_f1_drop or 0.0)
     if report.validation is not None:
         metrics |= _scores(report.validation.scores, f"{prefix}_validation")
+    generation = report.generation
+    if generation is not None and generation.seconds is not None:
+        metrics[f"{prefix}_generation_s"] = generation.seconds
+    if generation is not None and generation.tokens_per_s is not None:
+        metrics[f"{prefix}_generation_tokens_per_s"] = generation.tokens_per_s
     return metrics
 
 

@@ -8,7 +8,9 @@ split. Outputs are cached per example, so a rerun after an interruption only fin
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, computed_field
@@ -104,16 +106,20 @@ def evaluate(
     if settings.do_sample:
         torch.manual_seed(settings.seed)
     label = "base" if adapter_path is None else "fine-tuned"
-    decoder = engine_decoder if settings.fast_inference and supports(model) else hf_decoder
+    on_engine = settings.fast_inference and supports(model)
+    engine_runs: list[dict[str, Any]] = []  # one summary per engine (an out-of-memory restart is another)
+    decoder = engine_decoder(model, tokenizer, settings, engine_runs.append) if on_engine else hf_decoder(model, tokenizer, settings)
+    started = time.perf_counter()
     outputs, final_batch_size = generate_all(
         [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts],
-        decoder(model, tokenizer, settings),
+        decoder,
         settings.batch_size,
         settings.max_new_tokens,
         keys=keys if cache is not None else None,
         cache=cache,
         description=f"evaluating {label}",
     )
+    seconds = time.perf_counter() - started
     predictions: dict[str, list[Prediction]] = {name: [] for name in sets}
     for (name, problem), text in zip(flat, outputs):
         predictions[name].append(
@@ -140,5 +146,8 @@ def evaluate(
             generated=len(prompts) - from_cache,
             final_batch_size=final_batch_size,
             engine=engine,
+            seconds=round(seconds, 2),
+            generated_tokens=sum(run["generated_tokens"] for run in engine_runs) if on_engine else None,
+            preemptions=sum(run["preemptions"] for run in engine_runs) if on_engine else None,
         ),
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 from tqdm.auto import tqdm
 
 from tracesft.config import EvalSettings
@@ -36,11 +36,29 @@ Decoder = Callable[[list[list[int]], list[int], int, Callable[[int, str], None]]
 
 
 class GenerationStats(BaseModel):
+    """How an evaluation's answers were produced, and what it cost (step metadata, MLflow metrics).
+
+    `seconds` is the wall time of generation (cache reads included); `generated_tokens` and
+    `preemptions` are the engine's counts (None when HF `generate` decoded). The timing fields
+    default to None so that reports stored before they existed still load.
+    """
+
     examples: int
     from_cache: int
     generated: int
     final_batch_size: int
     engine: str
+    seconds: float | None = None
+    generated_tokens: int | None = None
+    preemptions: int | None = None
+
+    @computed_field
+    @property
+    def tokens_per_s(self) -> float | None:
+        """New tokens per second of generation: the figure BENCHMARKS.md reports for the engine."""
+        if self.generated_tokens is None or not self.seconds:
+            return None
+        return round(self.generated_tokens / self.seconds, 1)
 
 
 class GenerationCache:

@@ -158,6 +158,7 @@ class EngineStats:
     compactions: int = 0
     peak_active: int = 0
     busy_rows: int = 0  # sum over steps of the rows decoding a request
+    admissions: int = 0  # requests prefilled (a preempted one again when readmitted); also their order
     prefill_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0  # step inputs, the step, picking the tokens
@@ -167,9 +168,16 @@ class EngineStats:
     steps_by_rows: dict[int, int] = field(default_factory=dict)  # captured row count -> steps
     decode_s_by_rows: dict[int, float] = field(default_factory=dict)
 
+    @property
+    def generated_tokens(self) -> int:
+        """New tokens produced: one per busy row of each step, and each admission's first from its prefill."""
+        return self.busy_rows + self.admissions
+
     def summary(self) -> dict[str, Any]:
         """The figures that explain a run's throughput, rounded for a report."""
         return {
+            "generated_tokens": self.generated_tokens,
+            "tokens_per_s": round(self.generated_tokens / self.run_s, 1) if self.run_s else None,
             "steps": self.steps, "mean_busy_rows": round(self.busy_rows / max(self.steps, 1), 1),
             "prefill_calls": self.prefill_calls, "prefill_tokens": self.prefill_tokens,
             "run_s": round(self.run_s, 2), "prefill_s": round(self.prefill_s, 2), "decode_s": round(self.decode_s, 2),
@@ -411,7 +419,6 @@ class Engine:
         self._prompts, self._limits, self._sampling, self._stop, self._finished = prompts, limits, sampling, set(stop_tokens), finished
         self._queue: deque[tuple[int, list[int]]] = deque((i, []) for i in range(len(prompts)))  # (request, answer so far)
         self._active: list[_Request] = []
-        self._admissions = 0
         refill_at = max(1, int(self.slots * REFILL_FRACTION))
 
         stats = self.stats
@@ -486,8 +493,8 @@ class Engine:
                 if start is None:
                     break
                 self._queue.popleft()
-                self._admissions += 1
-                batch.append(_Request(index, len(self._prompts[index]), carried, self._limits[index], self._admissions, start, wanted))
+                self.stats.admissions += 1
+                batch.append(_Request(index, len(self._prompts[index]), carried, self._limits[index], self.stats.admissions, start, wanted))
                 budget -= context
             if not batch:
                 if not self._active:
