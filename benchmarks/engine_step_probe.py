@@ -5,8 +5,9 @@ dequantised once, LoRA unmerged), fills `--slots` slots with contexts of random 
 [`--min-context`, `--max-context`], and times: the decode step as a CUDA graph (as shipped: the
 side stream below `SIDE_STREAM_BELOW_ROWS` rows), again with the side stream's choice flipped, and
 eagerly; the attention kernel alone for one layer; the bare bf16 products of one layer's
-projections; and one prefill call (`PREFILL_TOKENS` tokens), without and with the side stream. Prints one JSON line per row count
-and the top CUDA kernels of one eager step and of the prefill call.
+projections; and one prefill call (`PREFILL_TOKENS` tokens), without and with the side stream.
+Prints one JSON line per row count and the top CUDA kernels of one eager step and of the prefill
+call.
 
     python benchmarks/engine_step_probe.py --layers 8 --slots 256 128 64 32 16 8
 """
@@ -47,10 +48,16 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1000
 
 
-def recaptured(engine: Engine, rows: int) -> float:
-    """The graph step's milliseconds, captured afresh under the engine's settings of now."""
+def release_graphs(engine: Engine) -> None:
+    """Drop the captured graphs and their pool: capturing into the pool of freed graphs trips an
+    allocator assert, so the next capture gets a fresh one."""
     engine.graphs.clear()
     engine.graph_pool = None
+
+
+def recaptured(engine: Engine, rows: int) -> float:
+    """The graph step's milliseconds, captured afresh under the engine's settings of now."""
+    release_graphs(engine)
     return timed(lambda: engine._decode(rows), 20)
 
 
@@ -83,8 +90,7 @@ def main() -> None:
             flipped = recaptured(engine, slots)
             engine.side_stream_below_rows = shipped_threshold
             eager = timed(lambda: engine._decode_logits(slots), 5)
-            engine.graphs.clear()
-            engine.graph_pool = None
+            release_graphs(engine)
             query = torch.randn(slots, config.num_attention_heads, 128, device="cuda", dtype=torch.bfloat16)
             flash = timed(lambda: torch.ops.aten._flash_attention_forward(
                 query, engine.cache.keys[0], engine.cache.values[0], engine.query_starts, engine.key_starts, 1,

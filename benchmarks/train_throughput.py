@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from pydantic import ValidationError
 from transformers import AttentionInterface, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -178,10 +179,18 @@ class TrainingPath:
     recipe: dict[str, Any] = field(default_factory=dict)
     change: Callable[[Any], None] | None = None  # applied to the model as training begins
 
+    def recipe_of(self, recipe: TrainingRecipe) -> TrainingRecipe:
+        """`recipe` with this path's fields changed, validated as a user's recipe is (a packing
+        length below max_seq_length would otherwise be stretched silently): one line if not."""
+        try:
+            return TrainingRecipe.model_validate(recipe.model_dump() | self.recipe)
+        except ValidationError as error:
+            raise SystemExit(f"path {self.name!r}: {error.errors()[0]['msg']}") from None
+
     def uses_liger(self, recipe: TrainingRecipe, device: Device) -> bool:
         import importlib.util
 
-        return (not self.seed and device == "cuda" and recipe.model_copy(update=self.recipe).liger_kernels
+        return (not self.seed and device == "cuda" and self.recipe_of(recipe).liger_kernels
                 and importlib.util.find_spec("liger_kernel") is not None)
 
 
@@ -293,7 +302,7 @@ def measure(path: TrainingPath, dataset: SFTDataset, base_model: str, recipe: Tr
         if path.seed:
             train_seed(dataset, base_model, recipe, device, output_dir, [timer])
         else:
-            _, summary = train(dataset, base_model, recipe.model_copy(update=path.recipe), device, output_dir,
+            _, summary = train(dataset, base_model, path.recipe_of(recipe), device, output_dir,
                                callbacks=[timer])
             timer.result.update(recomputed_layers=summary.recomputed_layers,
                                 memory_plan=summary.memory_plan and summary.memory_plan.model_dump())
@@ -451,6 +460,8 @@ def run(paths: tuple[TrainingPath, ...], workloads: tuple[str, ...], steps: int,
         if tiny:
             recipe = recipe.model_copy(update={"max_seq_length": recipe.max_seq_length // scale,
                                                "packing_length": recipe.packing_length // scale})
+        for path in paths:  # a path's recipe that no user could write fails here, before the base is written
+            path.recipe_of(recipe)
         if any(path.uses_liger(recipe, device) for path in paths):
             import liger_kernel.transformers  # noqa: F401  (a broken install fails here, not after the seed's runs)
         tokenizer = benchmark_tokenizer(scratch)
