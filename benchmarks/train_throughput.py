@@ -24,10 +24,12 @@ non-padding count; neither path pads), peak GiB, the ratios, and both paths' los
 held-out examples of one length before any update (LoRA B starts at zero, so both compute the
 base's function; one length makes per-row and per-example means the same estimator).
 
-`--ablations` runs, on workload (a), the production path with one piece taken out at a time, to
-give each piece's share: packing (and with it the varlen attention, which only packed rows use),
-the varlen attention (packed rows on SDPA with transformers' block-diagonal mask), Liger's layers,
-bf16 LoRA (back to fp32 under bf16 autocast, as PEFT makes them and the seed's TRL kept them).
+`--ablations` runs, on workload (a) unless `--workload` says, the production path with one piece
+taken out at a time (every piece, or those named: `--ablations lora-forward`), to give each
+piece's share: packing (and with it the varlen attention, which only packed rows use), the varlen
+attention (packed rows on SDPA with transformers' block-diagonal mask), Liger's layers, bf16 LoRA
+(back to fp32 under bf16 autocast, as PEFT makes them and the seed's TRL kept them), the LoRA
+training forward (`tracesft.train.lora_forward`; PEFT's own forward instead).
 
 `--budgets 40 70` runs, on workload (a), the production path with every layer recomputed
 (`memory_budget_gib: null`) and then at each `training.memory_budget_gib`: tokens/s, the measured
@@ -85,6 +87,7 @@ from tracesft.train.modeling import (  # noqa: E402
     quantized_base_path,
     save_quantized_base,
 )
+from tracesft.train.lora_forward import training_forward  # noqa: E402
 from tracesft.train.packing import VARLEN_ATTENTION, varlen_attention_forward  # noqa: E402
 from tracesft.train.tiny_model import build_tiny_model  # noqa: E402
 from tracesft.train.training import tokenize_record, tokenized_rows  # noqa: E402
@@ -163,6 +166,15 @@ def packed_rows_on_sdpa(model: Any) -> None:
     model.set_attn_implementation("sdpa")
 
 
+def peft_lora_forward(model: Any) -> None:
+    """PEFT's own LoRA forward again, where the training installed `tracesft.train.lora_forward`'s."""
+    given = [m for m in model.modules() if getattr(m.__dict__.get("forward"), "__func__", None) is training_forward]
+    if not given:
+        raise RuntimeError("no LoRA projection has the training forward: this path would measure nothing")
+    for module in given:
+        del module.forward
+
+
 def lora_in_fp32(model: Any) -> None:
     """LoRA weights back in fp32, under the Trainer's bf16 autocast (TRL casts them to bf16 on a 4-bit base)."""
     for parameter in model.parameters():
@@ -196,12 +208,13 @@ class TrainingPath:
 
 SEED = TrainingPath("seed", seed=True)
 PROJECT = TrainingPath("project")
-ABLATIONS = (
-    TrainingPath("project without packing", recipe={"packing": False}),
-    TrainingPath("project, packed rows on SDPA", change=packed_rows_on_sdpa),
-    TrainingPath("project without Liger", recipe={"liger_kernels": False}),
-    TrainingPath("project, fp32 LoRA", change=lora_in_fp32),
-)
+ABLATIONS = {  # by the piece taken out, as `--ablations` names it
+    "packing": TrainingPath("project without packing", recipe={"packing": False}),
+    "varlen": TrainingPath("project, packed rows on SDPA", change=packed_rows_on_sdpa),
+    "liger": TrainingPath("project without Liger", recipe={"liger_kernels": False}),
+    "bf16-lora": TrainingPath("project, fp32 LoRA", change=lora_in_fp32),
+    "lora-forward": TrainingPath("project, PEFT's LoRA forward", change=peft_lora_forward),
+}
 EVERY_LAYER_RECOMPUTED = TrainingPath("project, every layer recomputed", recipe={"memory_budget_gib": None})
 
 
@@ -408,8 +421,9 @@ def write_random_base(directory: Path, config: Any, tokenizer: Any, recipe: Trai
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU plumbing check with a tiny Qwen2")
-    parser.add_argument("--ablations", action="store_true",
-                        help="workload (a) only: seed, project, and the project without each of its pieces")
+    parser.add_argument("--ablations", nargs="*", choices=list(ABLATIONS), metavar="PIECE",
+                        help="workload (a) only: seed, project, and the project without each piece named "
+                             f"(default: all of {', '.join(ABLATIONS)})")
     parser.add_argument("--budgets", type=float, nargs="+", metavar="GIB",
                         help="workload (a) only: every layer recomputed, then the project at each memory_budget_gib")
     parser.add_argument("--packing-lengths", type=int, nargs="+", metavar="TOKENS",
@@ -429,16 +443,24 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     tiny = runs_tiny(args.tiny)
-    paths = (budget_paths(args.budgets) if args.budgets else (SEED, PROJECT, *ABLATIONS) if args.ablations
-             else packing_paths(args.packing_lengths) if args.packing_lengths
-             else (PROJECT, EVERY_LAYER_RECOMPUTED) if args.profile else (SEED, PROJECT))
+    ablated = (list(args.ablations) or list(ABLATIONS)) if args.ablations is not None else []
+    if args.budgets:
+        paths = budget_paths(args.budgets)
+    elif args.ablations is not None:
+        paths = (SEED, PROJECT, *(ABLATIONS[piece] for piece in ablated))
+    elif args.packing_lengths:
+        paths = packing_paths(args.packing_lengths)
+    else:
+        paths = (PROJECT, EVERY_LAYER_RECOMPUTED) if args.profile else (SEED, PROJECT)
     workloads = ((args.workload,) if args.workload else WORKLOADS[1:] if args.profile
-                 else WORKLOADS[:1] if args.ablations or args.budgets else WORKLOADS)
+                 else WORKLOADS[:1] if args.ablations is not None or args.budgets else WORKLOADS)
     report = run(paths, workloads, args.steps, tiny, args.layers, args.workdir, args.profile)
     print_table(report)
-    name = ("train_throughput" + ("_ablations" if args.ablations else "") + ("_budgets" if args.budgets else "")
+    name = ("train_throughput" + ("_ablations" if ablated else "")
+            + ("_" + "_".join(ablated) if ablated and ablated != list(ABLATIONS) else "")
+            + ("_budgets" if args.budgets else "")
             + ("_packing" if args.packing_lengths else "")
-            + (f"_{args.workload}" if args.workload and (args.ablations or args.budgets or args.packing_lengths) else "")
+            + (f"_{args.workload}" if args.workload and (ablated or args.budgets or args.packing_lengths) else "")
             + ("_profile" if args.profile else "") + ("_tiny" if tiny else ""))
     out = args.out or RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -87,3 +87,50 @@ def test_packed_training_uses_varlen_attention_and_liger_when_installed(tmp_path
     result = prepared.trainer.train()
     print(f"\npacked rows of {prepared.packed_row_length} tokens, torch varlen kernel: {_torch_varlen() is not None}, "
           f"liger: {prepared.trainer.args.use_liger_kernel}, loss {result.training_loss:.3f}")
+
+
+def test_lora_training_forward_on_4bit_same_bits_and_no_recompute_of_down_proj(tmp_path):
+    """On the real 4-bit base under checkpointing: PEFT's loss to the bit, its gradients to bf16 rounding,
+    and each layer's recompute stops before down_proj's base product."""
+    from peft import LoraConfig, get_peft_model
+
+    from tracesft.train.lora_forward import use_training_forward
+    from tracesft.train.modeling import load_base_model
+
+    model_dir = build_tiny_model(tmp_path / "tiny", tokenizer_corpus())
+    recipe = TrainingRecipe()
+    model = get_peft_model(load_base_model(str(model_dir), recipe, "cuda"),
+                           LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                                      target_modules=recipe.target_modules, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.02)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    calls = {"gate_proj": 0, "down_proj": 0}
+    for name, module in model.named_modules():
+        if name.endswith(".base_layer") and name.split(".")[-2] in calls:
+            module.register_forward_hook(lambda *_, k=name.split(".")[-2]: calls.__setitem__(k, calls[k] + 1))
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), device="cuda")
+
+    def loss_and_gradients():
+        model.zero_grad()
+        torch.manual_seed(3)
+        for key in calls:
+            calls[key] = 0
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return [loss.detach(), *(p.grad.clone() for p in model.parameters() if p.requires_grad)], dict(calls)
+
+    peft, peft_calls = loss_and_gradients()
+    assert use_training_forward(model) == model.config.num_hidden_layers * len(recipe.target_modules)
+    ours, our_calls = loss_and_gradients()
+    assert torch.equal(ours[0], peft[0])
+    for got, want in zip(ours[1:], peft[1:], strict=True):  # summed in another order: bf16 rounding apart
+        assert (got.float() - want.float()).norm() <= 1e-2 * want.float().norm()
+    layers = model.config.num_hidden_layers
+    assert peft_calls == {"gate_proj": 2 * layers, "down_proj": 2 * layers}
+    assert our_calls == {"gate_proj": 2 * layers, "down_proj": layers}

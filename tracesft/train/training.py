@@ -9,8 +9,10 @@ EOS; TRL turns the mask into labels, so the loss covers the completion only.
 Fast by default: examples are packed into long rows with attention kept inside each example
 (`tracesft.train.packing`), and with `device` cuda Liger's kernels replace RMSNorm, SwiGLU and RoPE
 (`LIGER_KERNELS`). The loss head is TRL's own: `SFTTrainer` computes the log-probabilities over the
-152k vocabulary in chunks, never building the full logits. `packing: false` trains with the seed's batching
-exactly. With gradient checkpointing, the last layers that `memory_budget_gib` has room for keep
+152k vocabulary in chunks, never building the full logits. LoRA's projections run their adapter
+branch before the frozen base and add once (`tracesft.train.lora_forward`): fewer passes over each
+output, and a recompute that skips each layer's last 4-bit product. `packing: false` trains with
+the seed's batching exactly. With gradient checkpointing, the last layers that `memory_budget_gib` has room for keep
 their activations instead of being recomputed (`tracesft.train.layer_checkpointing`). With `device`
 cuda the base is 4-bit NF4, the precision bf16 and the optimizer the seed's paged 8-bit AdamW;
 with `device` cpu, where none of these exists, the base stays in float32 and AdamW is used: same
@@ -35,6 +37,7 @@ from tracesft.train.adapter import LoraAdapter, save_adapter, write_metadata
 from tracesft.config import Device, TrainingRecipe
 from tracesft.errors import TracesftError
 from tracesft.train.layer_checkpointing import LayerCheckpointing, training_memory_plan
+from tracesft.train.lora_forward import use_training_forward
 from tracesft.train.memory_plan import MemoryPlan
 from tracesft.train.modeling import load_base_model, load_tokenizer
 from tracesft.train.packing import packed_row_plan, register_varlen_attention
@@ -217,6 +220,7 @@ def prepare_training(
         peft_config=lora if recipe.use_lora else None,
         callbacks=[*(callbacks or []), *reporting_callbacks(recipe), layer_checkpointing],
     )
+    use_training_forward(trainer.model)
     return PreparedTraining(trainer, tokenizer, checkpoints, row_length, quantized, optimizer,
                             len(train_rows), len(validation_rows), layer_checkpointing)
 
