@@ -133,3 +133,39 @@ def test_lora_training_forward_on_4bit_same_gradients_and_no_recompute_of_down_p
     layers = model.config.num_hidden_layers
     assert peft_calls == {"gate_proj": 2 * layers, "down_proj": 2 * layers}
     assert our_calls == {"gate_proj": 2 * layers, "down_proj": layers}
+
+
+def test_recompute_with_attention_outputs_kept_skips_the_varlen_kernel():
+    """The plan's selective checkpointing on CUDA: torch's varlen flash op runs in forward only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.checkpoint import checkpoint
+
+    from tracesft.train.layer_checkpointing import ATTENTION_OUTPUTS_KEPT
+    from tracesft.train.packing import _torch_varlen
+
+    varlen = torch.ops.torch_attn._varlen_attn.default
+
+    class Runs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Runs.count += func is varlen
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x = torch.randn(96, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.tensor([0, 40, 96], device="cuda", dtype=torch.int32)
+
+    def attention(x):
+        return (_torch_varlen()(x * 2, x[:, :2] * 3, x[:, :2], cu, cu, 56, 56, None) * x).sum()
+
+    gradients = []
+    for context in ({"context_fn": ATTENTION_OUTPUTS_KEPT}, {}):
+        Runs.count = 0
+        with Runs():
+            checkpoint(attention, x, use_reentrant=False, **context).backward()
+        gradients.append((Runs.count, x.grad.clone()))
+        x.grad = None
+    (kept_runs, kept_gradient), (recomputed_runs, recomputed_gradient) = gradients
+    assert (kept_runs, recomputed_runs) == (1, 2)
+    torch.testing.assert_close(kept_gradient, recomputed_gradient)
