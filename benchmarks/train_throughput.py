@@ -29,9 +29,7 @@ taken out at a time (every piece, or those named: `--ablations lora-forward`), t
 piece's share: packing (and with it the varlen attention, which only packed rows use), the varlen
 attention (packed rows on SDPA with transformers' block-diagonal mask), Liger's layers, bf16 LoRA
 (back to fp32 under bf16 autocast, as PEFT makes them and the seed's TRL kept them), the LoRA
-training forward (`tracesft.train.lora_forward`; PEFT's own forward instead), the attention outputs
-that recomputed layers keep (`tracesft.train.layer_checkpointing`; attention run again instead, with
-the plan's kept layers unchanged).
+training forward (`tracesft.train.lora_forward`; PEFT's own forward instead).
 
 `--budgets 40 70` runs, on workload (a), the production path with every layer recomputed
 (`memory_budget_gib: null`) and then at each `training.memory_budget_gib`: tokens/s, the measured
@@ -65,14 +63,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from pydantic import ValidationError
 from transformers import AttentionInterface, TrainerCallback
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,7 +87,6 @@ from tracesft.train.modeling import (  # noqa: E402
     quantized_base_path,
     save_quantized_base,
 )
-from tracesft.train.layer_checkpointing import ATTENTION_OUTPUTS_KEPT  # noqa: E402
 from tracesft.train.lora_forward import training_forward  # noqa: E402
 from tracesft.train.packing import VARLEN_ATTENTION, varlen_attention_forward  # noqa: E402
 from tracesft.train.tiny_model import build_tiny_model  # noqa: E402
@@ -180,18 +175,6 @@ def peft_lora_forward(model: Any) -> None:
         del module.forward
 
 
-def attention_recomputed(model: Any) -> None:
-    """Recomputed layers run attention again instead of keeping its outputs (the plan's kept layers unchanged)."""
-    recomputed = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-    layers = [m for m in recomputed if isinstance(m._gradient_checkpointing_func, partial)
-              and m._gradient_checkpointing_func.keywords.get("context_fn") is ATTENTION_OUTPUTS_KEPT]
-    if recomputed and not layers:  # (the tiny model keeps every layer: nothing to take out there)
-        raise RuntimeError("no recomputed layer keeps its attention outputs: this path would measure nothing")
-    for layer in layers:
-        keywords = {k: v for k, v in layer._gradient_checkpointing_func.keywords.items() if k != "context_fn"}
-        layer._gradient_checkpointing_func = partial(layer._gradient_checkpointing_func.func, **keywords)
-
-
 def lora_in_fp32(model: Any) -> None:
     """LoRA weights back in fp32, under the Trainer's bf16 autocast (TRL casts them to bf16 on a 4-bit base)."""
     for parameter in model.parameters():
@@ -231,7 +214,6 @@ ABLATIONS = {  # by the piece taken out, as `--ablations` names it
     "liger": TrainingPath("project without Liger", recipe={"liger_kernels": False}),
     "bf16-lora": TrainingPath("project, fp32 LoRA", change=lora_in_fp32),
     "lora-forward": TrainingPath("project, PEFT's LoRA forward", change=peft_lora_forward),
-    "attention-kept": TrainingPath("project, attention recomputed", change=attention_recomputed),
 }
 EVERY_LAYER_RECOMPUTED = TrainingPath("project, every layer recomputed", recipe={"memory_budget_gib": None})
 

@@ -4,10 +4,7 @@ transformers turns checkpointing on for every layer inside `Trainer.train`, just
 `on_train_begin` callbacks (each `GradientCheckpointingLayer` carries its own
 `gradient_checkpointing` flag); its own `every_n_layers` only spaces checkpointed layers evenly,
 which cannot say "the last N". So a callback switches the flag off on the last `kept_layers`
-layers there, and counts the layers left recomputing, which the training summary reports. Where
-the plan has room for it, the recomputed layers keep their attention output: torch's selective
-checkpointing saves the attention kernel's outputs in forward and hands them back to the
-recompute, which then skips that kernel. It runs before any other callback sees the model.
+layers there, and counts the layers left recomputing, which the training summary reports.
 
 Where the plan is not applied, every layer is recomputed as before, with a logged reason: under
 `fsdp_qlora` (the estimate assumes the whole base on one GPU, and partial checkpointing inside
@@ -19,11 +16,8 @@ GPU, with float32 sizes: host memory is bounded too, and it keeps one path, test
 from __future__ import annotations
 
 import logging
-from functools import partial
 from typing import Any
 
-import torch
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers import TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -60,28 +54,6 @@ def training_memory_plan(model: Any, recipe: TrainingRecipe, row_tokens: int, op
     )
 
 
-def attention_kernels() -> set[Any]:
-    """The attention ops whose outputs a recomputed layer keeps: torch's varlen flash op (packed
-    rows on CUDA) and the SDPA kernels (the per-example fallback and unpacked rows)."""
-    kernels = {torch.ops.aten._scaled_dot_product_flash_attention.default,
-               torch.ops.aten._scaled_dot_product_efficient_attention.default,
-               torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
-    try:
-        from torch.nn.attention import varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
-    except ImportError:  # a torch without the varlen op
-        return kernels
-    return kernels | {torch.ops.torch_attn._varlen_attn.default}
-
-
-def _keep_attention_outputs(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_KERNELS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-_ATTENTION_KERNELS = attention_kernels()
-ATTENTION_OUTPUTS_KEPT = partial(create_selective_checkpoint_contexts, _keep_attention_outputs)
-
-
 class LayerCheckpointing(TrainerCallback):
     """Keeps the activations of the plan's last layers once transformers has checkpointed them all."""
 
@@ -98,12 +70,7 @@ class LayerCheckpointing(TrainerCallback):
         elif plan is not None:
             for layer in layers[len(layers) - plan.kept_layers:]:
                 layer.gradient_checkpointing = False
-            if plan.recomputed_keep_attention:
-                for layer in layers[:len(layers) - plan.kept_layers]:
-                    layer._gradient_checkpointing_func = partial(layer._gradient_checkpointing_func,
-                                                                 context_fn=ATTENTION_OUTPUTS_KEPT)
-            logger.info("Keeping the activations of %d of %d layers%s (estimated peak %.1f GiB of the %g GiB "
-                        "budget, training.memory_budget_gib).", plan.kept_layers, plan.layers,
-                        ", and the others' attention outputs" if plan.recomputed_keep_attention else "",
-                        plan.estimated_peak_gib, plan.budget_gib)
+            logger.info("Keeping the activations of %d of %d layers (estimated peak %.1f GiB of the %g GiB budget, "
+                        "training.memory_budget_gib).", plan.kept_layers, plan.layers, plan.estimated_peak_gib,
+                        plan.budget_gib)
         self.recomputed_layers = sum(bool(layer.gradient_checkpointing) for layer in layers)

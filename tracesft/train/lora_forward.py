@@ -1,22 +1,21 @@
-"""LoRA's forward for training: the adapter's first product before the frozen base, its second added in one GEMM.
+"""LoRA's forward for training: the adapter's branch before the frozen base, and one add.
 
 PEFT's LoRA projection computes `base(x)`, then `lora_B(lora_A(dropout(x))) * scaling` and adds
 the two. Over a projection's output (up to 27,648 wide on the 32B, for every token of a row) that
 is several passes besides the products: PEFT's 4-bit layer first clones the base's output (a
-defensive copy its comment keeps for old torch versions), B's product writes an output as wide,
-the scaling is one more pass, the add another, and in backward the scaling is a pass again. Here
-B's product adds itself to the base's output in one GEMM (`torch.addmm` with `alpha=scaling`):
-one read and one write of the output. The same function, rounded once where PEFT rounds the
-product, the scaled product and the sum; with B at zero (an untrained adapter) the output is the
-base's to the bit. Dropout draws the same masks: the base draws none.
+defensive copy its comment keeps for old torch versions), the scaling is one more pass, the add
+another, and in backward the scaling is a pass again. This forward folds the scaling into B's
+weight (r x out, tiny) and adds once: the same function. For a scaling that is a power of two (the
+recipe's alpha / r = 32 / 16 = 2) the forward's values are PEFT's to the bit, since scaling by a
+power of two is exact; gradients agree to rounding (autograd adds an input's gradient from the
+adapter and from the base in the other order). Dropout draws the same masks: the base draws none.
 
 The order pays a second time under gradient checkpointing. torch's non-reentrant checkpoint stops
 a layer's recompute at the moment the last tensor its backward saved is saved again, and a
 product saves its inputs before it runs (bitsandbytes' 4-bit product saves none through autograd
-at all; the GEMM that adds B's product keeps its two small inputs on the autograd context). With
-A's product first, each decoder layer's recompute ends at `down_proj`'s A product: the layer's
-last base product (29% of a Qwen2 layer's weights) and its dequantisation are never run a second
-time.
+at all). With the base product after the adapter's, each decoder layer's recompute ends at
+`down_proj`'s adapter branch: the layer's last base product (29% of a Qwen2 layer's weights) and
+its dequantisation are never run a second time.
 
 Hand-written because neither PEFT (0.21) nor TRL offers it; `benchmarks/train_throughput.py
 --ablations` measures its share ("project, PEFT's LoRA forward"). Only the plain case is taken
@@ -31,6 +30,7 @@ from types import MethodType
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -62,42 +62,16 @@ def use_training_forward(model: Any) -> int:
 
 
 def training_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """`self`'s LoRA forward, adapter's first product before the base; PEFT's own where the case is not the plain one."""
+    """`self`'s LoRA forward, adapter branch first; PEFT's own where the case is not the plain one."""
     adapter = _plain_adapter(self)
     if adapter is None or kwargs:
         return type(self).forward(self, x, *args, **kwargs)
-    lora_A = self.lora_A[adapter]
+    lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
     # As PEFT's 4-bit layer: under autocast the products cast for themselves.
     lora_input = x if torch.is_autocast_enabled() else self._cast_input_dtype(x, lora_A.weight.dtype)
-    a = lora_A(self.lora_dropout[adapter](lora_input))
-    return AddScaledProduct.apply(self.base_layer(x, *args), a, self.lora_B[adapter].weight, self.scaling[adapter])
-
-
-class AddScaledProduct(torch.autograd.Function):
-    """`base + scaling * a @ weight.T` in one GEMM whose epilogue reads `base` (addmm), in `base`'s dtype.
-
-    `a` and `weight` stay on the autograd context instead of being saved through autograd's hooks
-    (as bitsandbytes keeps its 4-bit weight): gradient checkpointing's recompute, which stops at the
-    last saved tensor, then stops before the base product it comes after. `a` is r wide (16 values
-    a token for each projection), so keeping it from forward to backward at every layer costs
-    ~0.1 GB on the 32B at 8,192-token rows.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, base: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, scaling: float) -> torch.Tensor:
-        ctx.a, ctx.weight, ctx.scaling = a.detach(), weight.detach(), scaling
-        rows = base.reshape(-1, base.shape[-1])
-        return torch.addmm(rows, a.reshape(-1, a.shape[-1]).to(base.dtype), weight.to(base.dtype).t(),
-                           alpha=scaling).view(base.shape)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        a, weight, scaling = ctx.a, ctx.weight, ctx.scaling
-        rows = grad.reshape(-1, grad.shape[-1])
-        grad_a = (rows @ weight.to(grad.dtype)).mul_(scaling).view(a.shape) if ctx.needs_input_grad[1] else None
-        grad_weight = ((rows.t() @ a.reshape(-1, a.shape[-1]).to(grad.dtype)).mul_(scaling)
-                       if ctx.needs_input_grad[2] else None)
-        return grad, grad_a, grad_weight, None
+    update = F.linear(lora_A(self.lora_dropout[adapter](lora_input)), lora_B.weight * self.scaling[adapter])
+    result = self.base_layer(x, *args)
+    return (result + update).to(result.dtype)
 
 
 def _plain_adapter(layer: Any) -> str | None:

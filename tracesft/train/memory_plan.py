@@ -30,10 +30,6 @@ varlen flash kernel keeps q, k, v, its output and one fp32 log-sum-exp per head)
 - one recomputed layer: its activations again, plus its backward's gradient tensors (2m + 4h).
 - LM head: TRL's chunked log-probabilities keep the final hidden state (h) and an fp32 gradient of
   it (4h bytes) per token, and one tile of `LM_HEAD_TOKEN_TILE` tokens x `LM_HEAD_VOCAB_TILE`.
-- recomputed layers' attention outputs: where the budget has room for them in every recomputed
-  layer, each keeps attention's output (h) and fp32 log-sum-exp (4n bytes) per token, so its
-  recompute skips the attention kernel's forward (~2.4% of a uniform step for ~5 GiB on the 32B
-  at 8,192-token rows, more time per byte than a kept layer gives); the room left keeps layers.
 - allocator headroom: `HEADROOM` of the sum.
 
 It is an estimate, to be calibrated against a measured peak on a GPU (`benchmarks/train_throughput.py
@@ -90,14 +86,12 @@ _SHARED_INPUT = {"q_proj": "attention input", "k_proj": "attention input", "v_pr
 
 
 class MemoryPlan(BaseModel):
-    """How many layers keep their activations, whether the recomputed ones keep their attention
-    output, and the estimated peak with each of its terms."""
+    """How many layers keep their activations, and the estimated peak with each of its terms."""
 
     kept_layers: int
     layers: int
     budget_gib: float
     terms_bytes: dict[str, int]  # the estimate's terms with `kept_layers` kept
-    recomputed_keep_attention: bool = False  # recomputed layers keep attention's output, not run it again
 
     @computed_field
     @property
@@ -161,24 +155,8 @@ def plan_memory(
         "lm_head": row_tokens * shape.hidden * (activation_bytes + 4) + head_tile,
     }
     per_layer = row_tokens * per_token_kept
-    attention = row_tokens * attention_output_bytes_per_token(shape, activation_bytes)
     budget = budget_gib * GIB / (1 + HEADROOM)
-    room = budget - sum(fixed.values())
-    # A recomputed layer's attention output saves more time per byte than a kept layer does
-    # (BENCHMARKS.md): first every recomputed layer keeps it, then the room left keeps whole layers.
-    keep_attention = room >= shape.layers * attention
-    if keep_attention:
-        kept = min(shape.layers, int((room - shape.layers * attention) // (per_layer - attention)))
-    else:
-        kept = max(0, min(shape.layers, int(room // per_layer)))
-    terms = fixed | {"kept_layer_activations": kept * per_layer,
-                     "recomputed_attention_outputs": keep_attention * (shape.layers - kept) * attention}
+    kept = max(0, min(shape.layers, int((budget - sum(fixed.values())) // per_layer)))
+    terms = fixed | {"kept_layer_activations": kept * per_layer}
     terms["allocator_headroom"] = round(HEADROOM * sum(terms.values()))
-    return MemoryPlan(kept_layers=kept, layers=shape.layers, budget_gib=budget_gib, terms_bytes=terms,
-                      recomputed_keep_attention=keep_attention)
-
-
-def attention_output_bytes_per_token(shape: DecoderShape, activation_bytes: int) -> int:
-    """What a recomputed layer keeps to skip attention's forward in its recompute: the output and
-    the fp32 log-sum-exp per head (its backward needs both; q, k and v are recomputed anyway)."""
-    return shape.hidden * activation_bytes + 4 * shape.heads
+    return MemoryPlan(kept_layers=kept, layers=shape.layers, budget_gib=budget_gib, terms_bytes=terms)

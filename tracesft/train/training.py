@@ -218,8 +218,7 @@ def prepare_training(
         eval_dataset=validation,
         processing_class=tokenizer,
         peft_config=lora if recipe.use_lora else None,
-        # The plan first: the other callbacks see the layers as they will train.
-        callbacks=[layer_checkpointing, *(callbacks or []), *reporting_callbacks(recipe)],
+        callbacks=[*(callbacks or []), *reporting_callbacks(recipe), layer_checkpointing],
     )
     use_training_forward(trainer.model)
     return PreparedTraining(trainer, tokenizer, checkpoints, row_length, quantized, optimizer,
