@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cuda_timing import milliseconds  # noqa: E402
 
 from tracesft.train.packing import _torch_varlen  # noqa: E402
 
@@ -83,16 +86,6 @@ def run(kernel, q, k, v, cu, max_len, grad):
     return out, dq, dk, dv
 
 
-def milliseconds(fn, repeats: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats * 1000
-
-
 def rows(seed: int = 1234, count: int = 6, row_tokens: int = 5391) -> list[list[int]]:
     """Rows of log-normal documents (median 1,200, sigma 0.5, in [256, 4096]) filled up to `row_tokens`."""
     generator = torch.Generator().manual_seed(seed)
@@ -128,9 +121,9 @@ def main() -> int:
                     result["max_abs_diff"] = [round((a.float() - b.float()).abs().max().item(), 5) for a, b in zip(got, reference)]
                     result["rel_norm_diff"] = [round(((a.float() - b.float()).norm() / b.float().norm()).item(), 6)
                                                for a, b in zip(got, reference)]
-                result["fwd_bwd_ms"] = round(milliseconds(lambda: run(kernel, q, k, v, cu, max_len, grad)), 3)
+                result["fwd_bwd_ms"] = round(milliseconds(lambda: run(kernel, q, k, v, cu, max_len, grad), 10), 3)
                 result["fwd_ms"] = round(milliseconds(lambda: kernel(q.detach(), k.detach(), v.detach(), cu, max_len,
-                                                                     1 / math.sqrt(HEAD_DIM))), 3)
+                                                                     1 / math.sqrt(HEAD_DIM)), 10), 3)
                 forward_flop = sum(2 * length * length * HEADS * HEAD_DIM for length in row_set[0])  # causal: half of 4 L^2 H D
                 result["fwd_tflops"] = round(forward_flop / result["fwd_ms"] / 1e9, 1)
                 result["fwd_bwd_tflops"] = round(3.5 * forward_flop / result["fwd_bwd_ms"] / 1e9, 1)

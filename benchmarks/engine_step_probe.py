@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cuda_timing import milliseconds  # noqa: E402
 from random_32b import build_seed_model, qwen2_config  # noqa: E402
 
 from tracesft.config import EvalSettings, TrainingRecipe  # noqa: E402
@@ -36,16 +36,6 @@ from tracesft.generate.inference import for_decoding  # noqa: E402
 
 
 PREFILL_PROMPT = 300  # tokens per prompt in the timed prefill call (the split's mean is 302)
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats * 1000
 
 
 def release_graphs(engine: Engine) -> None:
@@ -58,7 +48,7 @@ def release_graphs(engine: Engine) -> None:
 def recaptured(engine: Engine, rows: int) -> float:
     """The graph step's milliseconds, captured afresh under the engine's settings of now."""
     release_graphs(engine)
-    return timed(lambda: engine._decode(rows), 20)
+    return milliseconds(lambda: engine._decode(rows), 20)
 
 
 def main() -> None:
@@ -83,23 +73,23 @@ def main() -> None:
                           for i, n in enumerate(lengths)]
         engine._set_step_inputs()
         with torch.inference_mode():
-            graph = timed(lambda: engine._decode(slots), 20)
+            graph = milliseconds(lambda: engine._decode(slots), 20)
             # The same step with the side stream's choice flipped for this row count: its share.
             shipped_side = slots < engine.side_stream_below_rows
             shipped_threshold, engine.side_stream_below_rows = engine.side_stream_below_rows, 0 if shipped_side else slots + 1
             flipped = recaptured(engine, slots)
             engine.side_stream_below_rows = shipped_threshold
-            eager = timed(lambda: engine._decode_logits(slots), 5)
+            eager = milliseconds(lambda: engine._decode_logits(slots), 5)
             release_graphs(engine)
             query = torch.randn(slots, config.num_attention_heads, 128, device="cuda", dtype=torch.bfloat16)
-            flash = timed(lambda: torch.ops.aten._flash_attention_forward(
+            flash = milliseconds(lambda: torch.ops.aten._flash_attention_forward(
                 query, engine.cache.keys[0], engine.cache.values[0], engine.query_starts, engine.key_starts, 1,
                 engine.max_len, 0.0, True, False, scale=engine.scale, seqused_k=engine.step_lengths), 50)
             x = torch.randn(slots, config.hidden_size, device="cuda", dtype=torch.bfloat16)
             layer = model.model.layers[0]
-            projections = timed(lambda: [layer.self_attn.q_proj(x), layer.self_attn.k_proj(x), layer.self_attn.v_proj(x),
+            projections = milliseconds(lambda: [layer.self_attn.q_proj(x), layer.self_attn.k_proj(x), layer.self_attn.v_proj(x),
                                          layer.self_attn.o_proj(x), layer.mlp(x)], 20)
-            bare = timed(lambda: [F.linear(x, m.base.weight) for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+            bare = milliseconds(lambda: [F.linear(x, m.base.weight) for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
                                   layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj)]
                          + [F.linear(torch.randn(slots, config.intermediate_size, device="cuda", dtype=torch.bfloat16),
                                      layer.mlp.down_proj.base.weight)], 20)
@@ -109,11 +99,11 @@ def main() -> None:
             if count:
                 prompts = torch.randint(3, config.vocab_size, (count, PREFILL_PROMPT)).tolist()
                 starts = runs[:count]
-                prefill_ms = timed(lambda: engine._prefill_logits(prompts, starts), 3)
+                prefill_ms = milliseconds(lambda: engine._prefill_logits(prompts, starts), 3)
                 # Prefill with the LoRA products on the side stream, as the engine ran it before.
                 forward = engine._forward
                 engine._forward = lambda *args: forward(*args, side=engine.side_stream)
-                prefill_side_ms = timed(lambda: engine._prefill_logits(prompts, starts), 3)
+                prefill_side_ms = milliseconds(lambda: engine._prefill_logits(prompts, starts), 3)
                 engine._forward = forward
                 flop = 2 * count * PREFILL_PROMPT * sum(p.numel() for n, p in layer.named_parameters() if "lora" not in n) * args.layers
                 prefill = {"tokens": count * PREFILL_PROMPT, "ms": round(prefill_ms, 2), "ms_side_stream": round(prefill_side_ms, 2),
