@@ -446,14 +446,14 @@ def main() -> int:
     ablated = (list(args.ablations) or list(ABLATIONS)) if args.ablations is not None else []
     if args.budgets:
         paths = budget_paths(args.budgets)
-    elif args.ablations is not None:
+    elif ablated:
         paths = (SEED, PROJECT, *(ABLATIONS[piece] for piece in ablated))
     elif args.packing_lengths:
         paths = packing_paths(args.packing_lengths)
     else:
         paths = (PROJECT, EVERY_LAYER_RECOMPUTED) if args.profile else (SEED, PROJECT)
     workloads = ((args.workload,) if args.workload else WORKLOADS[1:] if args.profile
-                 else WORKLOADS[:1] if args.ablations is not None or args.budgets else WORKLOADS)
+                 else WORKLOADS[:1] if ablated or args.budgets else WORKLOADS)
     report = run(paths, workloads, args.steps, tiny, args.layers, args.workdir, args.profile)
     print_table(report)
     name = ("train_throughput" + ("_ablations" if ablated else "")

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 logger = logging.getLogger(__name__)
 
 
-def lora_classes() -> tuple[type, ...]:
+def _lora_classes() -> tuple[type, ...]:
     """PEFT's LoRA projections this forward replaces: on a plain linear base, and on a 4-bit one."""
     from peft.tuners.lora import Linear
 
@@ -51,7 +51,7 @@ def use_training_forward(model: Any) -> int:
 
     Exact classes only: a subclass of PEFT's layers may compute something else.
     """
-    classes = lora_classes()
+    classes = _lora_classes()
     count = 0
     for module in model.modules():
         if type(module) in classes:
