@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 
 from tracesft.config import DistributedSettings, RegistrySettings, TrainingRecipe, load_run_config
 from tracesft.train.distributed import (FSDP_QLORA_ENVIRONMENT, FSDP_QLORA_FLAGS, LOG_HISTORY_FILE, check_devices,
+                                       first_error,
                                        launch_command, train, worker_environment)
 from tracesft.errors import TracesftError
 from tracesft.data.ingest import ingest
@@ -138,3 +139,20 @@ def test_bad_distributed_settings_name_the_key(tmp_path: Path, section, message)
     with pytest.raises(TracesftError, match=r"parameters\.training\.distributed\.") as error:
         load_run_config(config)
     assert message in str(error.value)
+
+
+def test_a_failed_launch_reports_the_failing_ranks_error_not_the_launchers():
+    log = "\n".join([
+        "some warning",
+        "[rank1]: Traceback (most recent call last):",  # torch may prefix a rank's lines
+        '[rank1]:   File "worker.py", line 3, in <module>',
+        "[rank1]:     train()",
+        "[rank1]: RuntimeError: size mismatch, got 0 and 16",
+        "Traceback (most recent call last):",
+        '  File "launch.py", line 1419, in main',
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:",
+    ])
+    excerpt = first_error(log)
+    assert excerpt.endswith("RuntimeError: size mismatch, got 0 and 16")
+    assert "ChildFailedError" not in excerpt
+    assert first_error("no traceback\nexit 1") == "Last lines:\nno traceback\nexit 1"

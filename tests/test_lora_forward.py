@@ -58,11 +58,19 @@ def same(got: list, want: list) -> bool:
     return all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
-@pytest.mark.parametrize("case", ["disabled", "merged", "dora"])
+class ShardedLinear(torch.nn.Linear):
+    """A linear whose weight is whole only while it runs, as FSDP's units (class swapped in place, as fully_shard does)."""
+
+
+@pytest.mark.parametrize("case", ["disabled", "merged", "dora", "wrapped B"])
 def test_other_cases_are_peft_own_forward(case):
     model = lora_block(alpha=6, use_dora=case == "dora")  # scaling 1.5: the training forward would change bits
     if case == "merged":
         model.merge_adapter()
+    if case == "wrapped B":
+        for name, module in model.named_modules():
+            if name.endswith("lora_B.default"):
+                module.__class__ = ShardedLinear
 
     def run() -> list[torch.Tensor]:
         if case == "disabled":

@@ -23,6 +23,7 @@ check that 1 and 2 processes train the same way.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -40,6 +41,7 @@ RECIPE_FILE = "recipe.json"
 SUMMARY_FILE = "training_summary.json"
 LOG_HISTORY_FILE = "log_history.json"  # rank 0's Trainer log lines (loss, lr, grad norm by step)
 WORKER_LOG_FILE = "worker.log"
+RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s?")  # how torch may mark a rank's lines in the workers' log
 
 # The FSDP-QLoRA settings of the Answer.AI / Hugging Face recipe (bitsandbytes docs, "FSDP-QLoRA"),
 # as `accelerate launch` flags. FSDP1: transformers' Trainer adapts its wrap policy and mixed
@@ -115,14 +117,29 @@ def train_lora_distributed(
     with log_path.open("w", encoding="utf-8") as log:
         completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=worker_environment(recipe.distributed, use_cpu), check=False)
     if completed.returncode != 0:
-        tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-40:])
         raise TracesftError(
             f"Distributed training ({recipe.distributed.num_processes} processes, strategy "
             f"{recipe.distributed.strategy}) failed with exit code {completed.returncode}. Full log: {log_path}. "
-            f"Last lines:\n{tail}"
+            f"{first_error(log_path.read_text(encoding='utf-8', errors='replace'))}"
         )
     summary = TrainingSummary.model_validate_json((output_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
     return LoraAdapter(output_dir / "adapter"), summary
+
+
+def first_error(log: str, lines: int = 40) -> str:
+    """The first traceback in a workers' log, where the failing rank says why; else the log's last lines.
+
+    The launcher's own traceback (which rank failed, with what exit code) comes after every rank's
+    and says nothing about the cause, so the log's tail alone would show only that. torch may
+    prefix a rank's lines with `[rankN]:`; they are read without it.
+    """
+    text = [RANK_PREFIX.sub("", line, count=1) for line in log.splitlines()]
+    start = next((i for i, line in enumerate(text) if line.startswith("Traceback (most recent call last)")), None)
+    if start is None:
+        return "Last lines:\n" + "\n".join(text[-lines:])
+    # A traceback's frames are indented; its first unindented line after the header is the exception.
+    end = next((i for i in range(start + 1, len(text)) if text[i] and not text[i][0].isspace()), len(text) - 1)
+    return "First error:\n" + "\n".join(text[start:end + 1][-lines:])
 
 
 def check_devices(settings: DistributedSettings, device: Device) -> None:

@@ -19,8 +19,8 @@ its dequantisation are never run a second time.
 
 Hand-written because neither PEFT (0.21) nor TRL offers it; `benchmarks/train_throughput.py
 --ablations` measures its share ("project, PEFT's LoRA forward"). Only the plain case is taken
-over: one active LoRA adapter without a variant (DoRA) or a bias on B, not merged, not disabled,
-no per-call adapter names. Everything else goes through PEFT's own forward unchanged.
+over: one active LoRA adapter without a variant (DoRA), its B a plain linear without a bias (not
+wrapped or sharded, as FSDP's units are), not merged, not disabled, no per-call adapter names. Everything else goes through PEFT's own forward unchanged.
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ def _plain_adapter(layer: Any) -> str | None:
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
     adapter = layer.active_adapters[0]
-    if adapter not in layer.lora_A or adapter in layer.lora_variant or layer.lora_B[adapter].bias is not None:
+    if adapter not in layer.lora_A or adapter in layer.lora_variant:
         return None
-    return adapter
+    # This forward reads B's weight without calling B, so B must be a plain linear without a bias: FSDP
+    # wraps B as its own unit (PEFT's wrap policy) and gathers its weight only when B itself is called.
+    lora_B = layer.lora_B[adapter]
+    return adapter if type(lora_B) is torch.nn.Linear and lora_B.bias is None else None
