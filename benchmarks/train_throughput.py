@@ -29,7 +29,8 @@ taken out at a time (every piece, or those named: `--ablations lora-forward`), t
 piece's share: packing (and with it the varlen attention, which only packed rows use), the varlen
 attention (packed rows on SDPA with transformers' block-diagonal mask), Liger's layers, bf16 LoRA
 (back to fp32 under bf16 autocast, as PEFT makes them and the seed's TRL kept them), the LoRA
-training forward (`tracesft.train.lora_forward`; PEFT's own forward instead).
+training forward (`tracesft.train.lora_forward`; PEFT's own forward instead), its add kernel
+(`tracesft.train.lora_add_kernel`; a product then an add instead).
 
 `--budgets 40 70` runs, on workload (a), the production path with every layer recomputed
 (`memory_budget_gib: null`) and then at each `training.memory_budget_gib`: tokens/s, the measured
@@ -79,6 +80,7 @@ from tracesft.config import Device, TrainingRecipe  # noqa: E402
 from tracesft.data.sample_data import tokenizer_corpus  # noqa: E402
 from tracesft.data.sft_dataset import SFTDataset  # noqa: E402
 from tracesft.data.traces import TraceRecord  # noqa: E402
+from tracesft.train import lora_add_kernel  # noqa: E402
 from tracesft.train.distributed import train  # noqa: E402
 from tracesft.train.modeling import (  # noqa: E402
     load_base_model,
@@ -175,6 +177,13 @@ def peft_lora_forward(model: Any) -> None:
         del module.forward
 
 
+def without_lora_add_kernel(model: Any) -> Callable[[], None]:
+    """LoRA's second product then the add (cuBLAS, then torch's add) instead of `tracesft.train.lora_add_kernel`."""
+    applies = lora_add_kernel.applies
+    lora_add_kernel.applies = lambda a: False
+    return lambda: setattr(lora_add_kernel, "applies", applies)
+
+
 def lora_in_fp32(model: Any) -> None:
     """LoRA weights back in fp32, under the Trainer's bf16 autocast (TRL casts them to bf16 on a 4-bit base)."""
     for parameter in model.parameters():
@@ -189,7 +198,8 @@ class TrainingPath:
     name: str
     seed: bool = False
     recipe: dict[str, Any] = field(default_factory=dict)
-    change: Callable[[Any], None] | None = None  # applied to the model as training begins
+    # Applied to the model as training begins; one that patches a module returns how to undo it.
+    change: Callable[[Any], Callable[[], None] | None] | None = None
 
     def recipe_of(self, recipe: TrainingRecipe) -> TrainingRecipe:
         """`recipe` with this path's fields changed, validated as a user's recipe is (a packing
@@ -214,6 +224,7 @@ ABLATIONS = {  # by the piece taken out, as `--ablations` names it
     "liger": TrainingPath("project without Liger", recipe={"liger_kernels": False}),
     "bf16-lora": TrainingPath("project, fp32 LoRA", change=lora_in_fp32),
     "lora-forward": TrainingPath("project, PEFT's LoRA forward", change=peft_lora_forward),
+    "lora-add-kernel": TrainingPath("project without the LoRA add kernel", change=without_lora_add_kernel),
 }
 EVERY_LAYER_RECOMPUTED = TrainingPath("project, every layer recomputed", recipe={"memory_budget_gib": None})
 
@@ -242,13 +253,14 @@ class StepTimer(TrainerCallback):
 
     def __init__(self, steps: int, change: Callable[[Any], None] | None, profile: bool = False) -> None:
         self.steps, self.change = steps, change
+        self._undo: Callable[[], None] | None = None  # what a change that outlives the model returns
         self.result: dict[str, Any] = {"packed_attention_calls": 0}
         self._start: tuple[float, int] | None = None
         self._profiler = torch.profiler.profile(activities=PROFILED) if profile else None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.change is not None:
-            self.change(model)
+            self._undo = self.change(model)
         # The Trainer reads `eval_on_start` right after this event: its own evaluation, on the
         # validation split, with this path's batching and kernels, before the first update.
         args.eval_on_start = True
@@ -273,6 +285,10 @@ class StepTimer(TrainerCallback):
             "row_tokens_at_most": args.max_length,
             "packing": args.packing,
         }
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._undo is not None:
+            self._undo()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self._start is not None:

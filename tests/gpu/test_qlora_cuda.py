@@ -90,8 +90,8 @@ def test_packed_training_uses_varlen_attention_and_liger_when_installed(tmp_path
 
 
 def test_lora_training_forward_on_4bit_same_bits_and_no_recompute_of_down_proj(tmp_path):
-    """On the real 4-bit base under checkpointing: PEFT's loss to the bit, its gradients to bf16 rounding,
-    and each layer's recompute stops before down_proj's base product."""
+    """On the real 4-bit base under checkpointing (LoRA's add as the Triton kernel): PEFT's loss and
+    gradients to bf16 rounding, and each layer's recompute stops before down_proj's base product."""
     from peft import LoraConfig, get_peft_model
 
     from tracesft.train.lora_forward import use_training_forward
@@ -128,9 +128,10 @@ def test_lora_training_forward_on_4bit_same_bits_and_no_recompute_of_down_proj(t
     peft, peft_calls = loss_and_gradients()
     assert use_training_forward(model) == model.config.num_hidden_layers * len(recipe.target_modules)
     ours, our_calls = loss_and_gradients()
-    assert torch.equal(ours[0], peft[0])
-    for got, want in zip(ours[1:], peft[1:], strict=True):  # summed in another order: bf16 rounding apart
-        assert (got.float() - want.float()).norm() <= 1e-2 * want.float().norm()
+    # The kernel rounds the add once where PEFT rounds the product and then the sum: bf16 rounding apart.
+    assert abs(ours[0].item() - peft[0].item()) <= 1e-3 * abs(peft[0].item())
+    for got, want in zip(ours[1:], peft[1:], strict=True):
+        assert (got.float() - want.float()).norm() <= 2e-2 * want.float().norm()
     layers = model.config.num_hidden_layers
     assert peft_calls == {"gate_proj": 2 * layers, "down_proj": 2 * layers}
     assert our_calls == {"gate_proj": 2 * layers, "down_proj": layers}

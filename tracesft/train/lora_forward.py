@@ -17,6 +17,8 @@ at all). With the base product after the adapter's, each decoder layer's recompu
 `down_proj`'s adapter branch: the layer's last base product (29% of a Qwen2 layer's weights) and
 its dequantisation are never run a second time.
 
+On CUDA the second product and the add run as one kernel (`tracesft.train.lora_add_kernel`).
+
 Hand-written because neither PEFT (0.21) nor TRL offers it; `benchmarks/train_throughput.py
 --ablations` measures its share ("project, PEFT's LoRA forward"). Only the plain case is taken
 over: one active LoRA adapter without a variant (DoRA), its B a plain linear without a bias (not
@@ -31,6 +33,8 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
+
+from tracesft.train import lora_add_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +73,10 @@ def training_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> t
     lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
     # As PEFT's 4-bit layer: under autocast the products cast for themselves.
     lora_input = x if torch.is_autocast_enabled() else self._cast_input_dtype(x, lora_A.weight.dtype)
-    update = F.linear(lora_A(self.lora_dropout[adapter](lora_input)), lora_B.weight * self.scaling[adapter])
+    a = lora_A(self.lora_dropout[adapter](lora_input))
+    if lora_add_kernel.applies(a):
+        return lora_add_kernel.AddLowRank.apply(self.base_layer(x, *args), a, lora_B.weight, self.scaling[adapter])
+    update = F.linear(a, lora_B.weight * self.scaling[adapter])  # before the base: the recompute stops here
     result = self.base_layer(x, *args)
     return (result + update).to(result.dtype)
 
