@@ -6,8 +6,10 @@ add (the product written, then read with `base`) and cuBLAS's addmm runs this sh
 at ~1.5 TB/s. `benchmarks/lora_add_probe.py` times the three on the 32B's widths: on an H200 the
 kernel moved 3.5 TB/s at width 27,648 against 1.9 TB/s for the product then the add.
 
-Backward stays with cuBLAS (`grad @ B` and `grad.T @ a`): the probe measured a one-pass Triton
-backward slower than cuBLAS's two products, which read `grad` at ~3.9 TB/s between them.
+The sum is rounded once, where torch rounds the product and then the sum: the output is PEFT's to
+bf16 rounding rather than to the bit. Backward stays with cuBLAS (`grad @ B` and `grad.T @ a`): a
+one-pass Triton backward measured slower than cuBLAS's two products, which read `grad` at ~3.9
+TB/s between them (BENCHMARKS.md, tenth session).
 
 `a` and B stay on the autograd context rather than in autograd's saved tensors (as bitsandbytes
 keeps its 4-bit weight): gradient checkpointing's non-reentrant recompute, which stops once the

@@ -17,7 +17,8 @@ at all). With the base product after the adapter's, each decoder layer's recompu
 `down_proj`'s adapter branch: the layer's last base product (29% of a Qwen2 layer's weights) and
 its dequantisation are never run a second time.
 
-On CUDA the second product and the add run as one kernel (`tracesft.train.lora_add_kernel`).
+On CUDA the second product and the add run as one kernel (`tracesft.train.lora_add_kernel`),
+which rounds the sum once: there the forward is PEFT's to bf16 rounding rather than to the bit.
 
 Hand-written because neither PEFT (0.21) nor TRL offers it; `benchmarks/train_throughput.py
 --ablations` measures its share ("project, PEFT's LoRA forward"). Only the plain case is taken
