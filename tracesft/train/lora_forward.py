@@ -23,7 +23,8 @@ which rounds the sum once: there the forward is PEFT's to bf16 rounding rather t
 Hand-written because neither PEFT (0.21) nor TRL offers it; `benchmarks/train_throughput.py
 --ablations` measures its share ("project, PEFT's LoRA forward"). Only the plain case is taken
 over: one active LoRA adapter without a variant (DoRA), its B a plain linear without a bias (not
-wrapped or sharded, as FSDP's units are), not merged, not disabled, no per-call adapter names. Everything else goes through PEFT's own forward unchanged.
+wrapped or sharded, as FSDP's units are), not merged, not disabled, no per-call adapter names.
+Everything else goes through PEFT's own forward unchanged.
 """
 
 from __future__ import annotations
