@@ -80,7 +80,7 @@ if triton is not None:
         a = tl.load(a_ptr + rows[:, None] * R + rank[None, :], mask=row_ok[:, None], other=0.0)
         b = tl.load(b_ptr + cols[:, None] * R + rank[None, :], mask=col_ok[:, None], other=0.0)
         product = tl.dot(a, tl.trans(b))
-        where = rows[:, None] * N + cols[None, :]
+        where = rows.to(tl.int64)[:, None] * N + cols[None, :]  # past 2**31 elements at 77,672 rows of 27,648
         ok = row_ok[:, None] & col_ok[None, :]
         base = tl.load(base_ptr + where, mask=ok, other=0.0)
         tl.store(out_ptr + where, (base.to(tl.float32) + scaling * product).to(base.dtype), mask=ok)
