@@ -29,7 +29,7 @@ taken out at a time (every piece, or those named: `--ablations lora-forward`), t
 piece's share: packing (and with it the varlen attention, which only packed rows use), the varlen
 attention (packed rows on SDPA with transformers' block-diagonal mask), Liger's layers, bf16 LoRA
 (back to fp32 under bf16 autocast, as PEFT makes them and the seed's TRL kept them), the LoRA
-training forward (`tracesft.train.lora_forward`; PEFT's own forward instead), its add kernel
+training forward (`tracesft.train.lora_forward`; `fast_lora: false`, PEFT's own forward), its add kernel
 (`tracesft.train.lora_add_kernel`; a product then an add instead).
 
 `--budgets 40 70` runs, on workload (a), the production path with every layer recomputed
@@ -89,7 +89,6 @@ from tracesft.train.modeling import (  # noqa: E402
     quantized_base_path,
     save_quantized_base,
 )
-from tracesft.train.lora_forward import training_forward  # noqa: E402
 from tracesft.train.packing import VARLEN_ATTENTION, varlen_attention_forward  # noqa: E402
 from tracesft.train.tiny_model import build_tiny_model  # noqa: E402
 from tracesft.train.training import tokenize_record, tokenized_rows  # noqa: E402
@@ -168,15 +167,6 @@ def packed_rows_on_sdpa(model: Any) -> None:
     model.set_attn_implementation("sdpa")
 
 
-def peft_lora_forward(model: Any) -> None:
-    """PEFT's own LoRA forward again, where the training installed `tracesft.train.lora_forward`'s."""
-    given = [m for m in model.modules() if getattr(m.__dict__.get("forward"), "__func__", None) is training_forward]
-    if not given:
-        raise RuntimeError("no LoRA projection has the training forward: this path would measure nothing")
-    for module in given:
-        del module.forward
-
-
 def without_lora_add_kernel(model: Any) -> Callable[[], None]:
     """LoRA's second product then the add (cuBLAS, then torch's add) instead of `tracesft.train.lora_add_kernel`."""
     applies = lora_add_kernel.applies
@@ -223,7 +213,7 @@ ABLATIONS = {  # by the piece taken out, as `--ablations` names it
     "varlen": TrainingPath("project, packed rows on SDPA", change=packed_rows_on_sdpa),
     "liger": TrainingPath("project without Liger", recipe={"liger_kernels": False}),
     "bf16-lora": TrainingPath("project, fp32 LoRA", change=lora_in_fp32),
-    "lora-forward": TrainingPath("project, PEFT's LoRA forward", change=peft_lora_forward),
+    "lora-forward": TrainingPath("project, PEFT's LoRA forward", recipe={"fast_lora": False}),
     "lora-add-kernel": TrainingPath("project without the LoRA add kernel", change=without_lora_add_kernel),
 }
 EVERY_LAYER_RECOMPUTED = TrainingPath("project, every layer recomputed", recipe={"memory_budget_gib": None})

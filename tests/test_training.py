@@ -162,6 +162,15 @@ def test_a_one_process_run_on_several_gpus_trains_on_one(tmp_path, monkeypatch) 
 
 # --- packing --------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("fast_lora", [True, False])
+def test_fast_lora_gives_the_projections_the_training_forward_or_leaves_peft_s(fast_lora, model_dir, records,
+                                                                               tmp_path) -> None:
+    recipe = TrainingRecipe(**FAST, fast_lora=fast_lora)
+    model = prepare_training(dataset(records[:2]), str(model_dir), recipe, "cpu", tmp_path).trainer.model
+    projections = [m for name, m in model.named_modules() if name.endswith(tuple(recipe.target_modules))]
+    assert projections and all(("forward" in vars(m)) == fast_lora for m in projections)
+
+
 def test_row_plan_keeps_tokens_per_step() -> None:
     assert packed_row_plan([1000] * 10, examples_per_step=8, packing_length=8192) == (8000, 1)
     assert packed_row_plan([1360] * 10, examples_per_step=8, packing_length=8192) == (5440, 2)

@@ -94,6 +94,9 @@ class TrainingRecipe(_Settings):
     packing: bool = True
     packing_length: int = Field(8192, gt=0)
     liger_kernels: bool = True  # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) on CUDA; the loss head is TRL's
+    # LoRA's training forward (`tracesft.train.lora_forward`): the adapter's branch before the frozen base
+    # and one add, a Triton kernel on CUDA. The same function to bf16 rounding. false: PEFT's own forward.
+    fast_lora: bool = True
     # GiB of memory training may use: with gradient_checkpointing, the last layers keep their
     # activations instead of being recomputed in backward, as many as the estimate of the peak fits
     # (`tracesft.train.memory_plan`). None: every layer recomputed. Not applied under fsdp_qlora.

@@ -167,5 +167,6 @@ def prepare_grpo(
         callbacks=callbacks,
         rollout_func=engine_rollout(tokenizer, settings) if generation == "engine" else None,
     )
-    use_training_forward(trainer.model)
+    if recipe.fast_lora:
+        use_training_forward(trainer.model)
     return trainer, generation, recipe

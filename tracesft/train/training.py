@@ -220,7 +220,8 @@ def prepare_training(
         peft_config=lora if recipe.use_lora else None,
         callbacks=[*(callbacks or []), *reporting_callbacks(recipe), layer_checkpointing],
     )
-    use_training_forward(trainer.model)
+    if recipe.fast_lora:
+        use_training_forward(trainer.model)
     return PreparedTraining(trainer, tokenizer, checkpoints, row_length, quantized, optimizer,
                             len(train_rows), len(validation_rows), layer_checkpointing)
 
