@@ -16,8 +16,7 @@ from transformers import TrainerCallback
 
 from tracesft.config import DistributedSettings, RegistrySettings, TrainingRecipe, load_run_config
 from tracesft.train.distributed import (FSDP_QLORA_ENVIRONMENT, FSDP_QLORA_FLAGS, LOG_HISTORY_FILE, check_devices,
-                                       first_error,
-                                       launch_command, train, worker_environment)
+                                       first_error, launch_command, train, worker_environment)
 from tracesft.errors import TracesftError
 from tracesft.data.ingest import ingest
 from tracesft.data.sample_data import DATA, tokenizer_corpus

@@ -160,8 +160,6 @@ def test_a_one_process_run_on_several_gpus_trains_on_one(tmp_path, monkeypatch) 
     assert args.n_gpu == 1 and args.parallel_mode == ParallelMode.NOT_PARALLEL
 
 
-# --- packing --------------------------------------------------------------------------------------
-
 @pytest.mark.parametrize("fast_lora", [True, False])
 def test_fast_lora_gives_the_projections_the_training_forward_or_leaves_peft_s(fast_lora, model_dir, records,
                                                                                tmp_path) -> None:
@@ -170,6 +168,8 @@ def test_fast_lora_gives_the_projections_the_training_forward_or_leaves_peft_s(f
     projections = [m for name, m in model.named_modules() if name.endswith(tuple(recipe.target_modules))]
     assert projections and all(("forward" in vars(m)) == fast_lora for m in projections)
 
+
+# --- packing --------------------------------------------------------------------------------------
 
 def test_row_plan_keeps_tokens_per_step() -> None:
     assert packed_row_plan([1000] * 10, examples_per_step=8, packing_length=8192) == (8000, 1)
