@@ -167,7 +167,7 @@ def packed_rows_on_sdpa(model: Any) -> None:
     model.set_attn_implementation("sdpa")
 
 
-def without_lora_add_kernel(model: Any) -> Callable[[], None]:
+def without_lora_add_kernel() -> Callable[[], None]:
     """LoRA's second product then the add (cuBLAS, then torch's add) instead of `tracesft.train.lora_add_kernel`."""
     applies = lora_add_kernel.applies
     lora_add_kernel.applies = lambda a: False
@@ -188,8 +188,9 @@ class TrainingPath:
     name: str
     seed: bool = False
     recipe: dict[str, Any] = field(default_factory=dict)
-    # Applied to the model as training begins; one that patches a module returns how to undo it.
-    change: Callable[[Any], Callable[[], None] | None] | None = None
+    change: Callable[[Any], None] | None = None  # applied to the model as training begins
+    # Switches a module of the process for the whole run (the model loaded after it); returns how to undo it.
+    switch: Callable[[], Callable[[], None]] | None = None
 
     def recipe_of(self, recipe: TrainingRecipe) -> TrainingRecipe:
         """`recipe` with this path's fields changed, validated as a user's recipe is (a packing
@@ -214,7 +215,7 @@ ABLATIONS = {  # by the piece taken out, as `--ablations` names it
     "liger": TrainingPath("project without Liger", recipe={"liger_kernels": False}),
     "bf16-lora": TrainingPath("project, fp32 LoRA", change=lora_in_fp32),
     "lora-forward": TrainingPath("project, PEFT's LoRA forward", recipe={"fast_lora": False}),
-    "lora-add-kernel": TrainingPath("project without the LoRA add kernel", change=without_lora_add_kernel),
+    "lora-add-kernel": TrainingPath("project without the LoRA add kernel", switch=without_lora_add_kernel),
 }
 EVERY_LAYER_RECOMPUTED = TrainingPath("project, every layer recomputed", recipe={"memory_budget_gib": None})
 
@@ -243,14 +244,13 @@ class StepTimer(TrainerCallback):
 
     def __init__(self, steps: int, change: Callable[[Any], None] | None, profile: bool = False) -> None:
         self.steps, self.change = steps, change
-        self._undo: Callable[[], None] | None = None  # what a change that outlives the model returns
         self.result: dict[str, Any] = {"packed_attention_calls": 0}
         self._start: tuple[float, int] | None = None
         self._profiler = torch.profiler.profile(activities=PROFILED) if profile else None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.change is not None:
-            self._undo = self.change(model)
+            self.change(model)
         # The Trainer reads `eval_on_start` right after this event: its own evaluation, on the
         # validation split, with this path's batching and kernels, before the first update.
         args.eval_on_start = True
@@ -275,10 +275,6 @@ class StepTimer(TrainerCallback):
             "row_tokens_at_most": args.max_length,
             "packing": args.packing,
         }
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._undo is not None:
-            self._undo()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self._start is not None:
@@ -317,6 +313,7 @@ def measure(path: TrainingPath, dataset: SFTDataset, base_model: str, recipe: Tr
         raise RuntimeError(f"{path.name}: Liger already patched Qwen2 in this process; run the paths without it first")
     timer = StepTimer(steps, path.change, profile)
     output_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+    undo = path.switch() if path.switch is not None else None
     try:
         if path.seed:
             train_seed(dataset, base_model, recipe, device, output_dir, [timer])
@@ -326,6 +323,8 @@ def measure(path: TrainingPath, dataset: SFTDataset, base_model: str, recipe: Tr
             timer.result.update(recomputed_layers=summary.recomputed_layers,
                                 memory_plan=summary.memory_plan and summary.memory_plan.model_dump())
     finally:
+        if undo is not None:
+            undo()
         shutil.rmtree(output_dir, ignore_errors=True)
         gc.collect()
         if torch.cuda.is_available():
