@@ -89,7 +89,7 @@ def test_packed_training_uses_varlen_attention_and_liger_when_installed(tmp_path
           f"liger: {prepared.trainer.args.use_liger_kernel}, loss {result.training_loss:.3f}")
 
 
-def test_lora_training_forward_on_4bit_same_bits_and_no_recompute_of_down_proj(tmp_path):
+def test_lora_training_forward_on_4bit_matches_peft_and_skips_down_proj_recompute(tmp_path):
     """On the real 4-bit base under checkpointing (LoRA's add as the Triton kernel): PEFT's loss and
     gradients to bf16 rounding, and each layer's recompute stops before down_proj's base product."""
     from peft import LoraConfig, get_peft_model

@@ -9,12 +9,13 @@ EOS; TRL turns the mask into labels, so the loss covers the completion only.
 Fast by default: examples are packed into long rows with attention kept inside each example
 (`tracesft.train.packing`), and with `device` cuda Liger's kernels replace RMSNorm, SwiGLU and RoPE
 (`LIGER_KERNELS`). The loss head is TRL's own: `SFTTrainer` computes the log-probabilities over the
-152k vocabulary in chunks, never building the full logits. LoRA's projections run their adapter
-branch before the frozen base and add once (`tracesft.train.lora_forward`): fewer passes over each
-output, and a recompute that skips each layer's last 4-bit product. `packing: false` trains with
-the seed's batching exactly. With gradient checkpointing, the last layers that `memory_budget_gib` has room for keep
-their activations instead of being recomputed (`tracesft.train.layer_checkpointing`). With `device`
-cuda the base is 4-bit NF4, the precision bf16 and the optimizer the seed's paged 8-bit AdamW;
+152k vocabulary in chunks, never building the full logits. With `fast_lora`, LoRA's projections run
+their adapter branch before the frozen base and add once (`tracesft.train.lora_forward`): fewer
+passes over each output, and a recompute that skips each layer's last 4-bit product. `packing:
+false` trains with the seed's batching exactly. With gradient checkpointing, the last layers that
+`memory_budget_gib` has room for keep their activations instead of being recomputed
+(`tracesft.train.layer_checkpointing`). With `device` cuda the base is 4-bit NF4, the precision
+bf16 and the optimizer the seed's paged 8-bit AdamW;
 with `device` cpu, where none of these exists, the base stays in float32 and AdamW is used: same
 code path, same recipe otherwise. Checkpoints go to a persistent directory keyed by everything that determines the
 result, so a preempted run started again with the same inputs resumes where it stopped.
