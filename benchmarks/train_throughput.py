@@ -246,7 +246,7 @@ class StepTimer(TrainerCallback):
         self.steps, self.change = steps, change
         self.result: dict[str, Any] = {"packed_attention_calls": 0}
         self._start: tuple[float, int] | None = None
-        self._profiler = torch.profiler.profile(activities=PROFILED) if profile else None
+        self._profiler = torch.profiler.profile(activities=PROFILED, record_shapes=True) if profile else None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.change is not None:
@@ -294,8 +294,10 @@ class StepTimer(TrainerCallback):
             synchronize()
             if self._profiler is not None:
                 self._profiler.stop()
-                sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-                print(self._profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70), flush=True)
+                sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"  # kernels, not callers
+                print(self._profiler.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90), flush=True)
+                print(self._profiler.key_averages(group_by_input_shape=True).table(  # which products, by shape
+                    sort_by=sort, row_limit=40, max_name_column_width=40, max_shapes_column_width=90), flush=True)
             seconds = time.perf_counter() - self._start[0]
             tokens = state.num_input_tokens_seen - self._start[1]
             peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
@@ -439,7 +441,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="the project path as configured and with every layer recomputed (as most of the 64 are "
                              "at the default budget), on workload (b) unless --workload says: print the top kernels of "
-                             "their timed steps (tokens/s then include the profiler's cost; use with --layers 8)")
+                             "their timed steps, then the top ops by input shape (tokens/s then include the profiler's "
+                             "cost; use with --layers 8)")
     add_model_arguments(parser)
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args()
