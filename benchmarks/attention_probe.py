@@ -8,7 +8,9 @@ answers whether it is usable and worth it, on the 32B's attention shape (40 quer
 heads, head dim 128, bf16): for rows of 8,192 tokens as 2 x 4,096 (uniform workload) and rows of
 log-normal documents (median 1,200): forward + backward milliseconds of each kernel, the first
 call of each new row shape (cuDNN builds a plan per shape), and how far cuDNN's output and
-gradients are from flash's. GQA is tried natively, then with K/V repeated to 40 heads.
+gradients are from flash's. GQA is tried natively, then with K/V repeated to 40 heads. Then the same
+through cuDNN's own Python API (`nvidia-cudnn-frontend`, its `torch.ops.cudnn.sdpa_fwd` on packed
+rows with cumulative lengths), as given and with row shapes bucketed so new rows reuse built graphs.
 
     python benchmarks/attention_probe.py
 """
@@ -66,7 +68,26 @@ def cudnn_repeated_kv(q, k, v, cu, max_len, scale):
     return cudnn(q, k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1), cu, max_len, scale)
 
 
-KERNELS = {"flash (shipped)": flash, "cudnn": cudnn, "cudnn, K/V repeated": cudnn_repeated_kv}
+def cudnn_python(q, k, v, cu, max_len, scale):
+    """cuDNN through its own Python API (`nvidia-cudnn-frontend`, whose torch op builds a graph per number of
+    documents and longest length), differentiable through the op's registered autograd."""
+    import cudnn.sdpa.fwd.torch_op  # noqa: F401  (registers torch.ops.cudnn.sdpa_fwd / sdpa_bwd)
+
+    out, _ = torch.ops.cudnn.sdpa_fwd(q, k, v, scale, is_causal=True, cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                      max_seqlen_q=max_len, max_seqlen_kv=max_len, return_lse=True)
+    return out
+
+
+def cudnn_python_bucketed(q, k, v, cu, max_len, scale):
+    """The same with the longest length rounded up to a multiple of 1,024 and the documents padded with empty
+    ones to a power of two, so rows of new shapes mostly reuse a built graph (both are upper bounds only)."""
+    documents = cu.numel() - 1
+    padded = torch.cat([cu, cu[-1:].expand(2 ** math.ceil(math.log2(documents)) - documents)])
+    return cudnn_python(q, k, v, padded, -(-max_len // 1024) * 1024, scale)
+
+
+KERNELS = {"flash (shipped)": flash, "cudnn": cudnn, "cudnn, K/V repeated": cudnn_repeated_kv,
+           "cudnn python API": cudnn_python, "cudnn python API, bucketed shapes": cudnn_python_bucketed}
 
 
 def inputs(lengths: list[int], seed: int = 0):
