@@ -13,25 +13,18 @@ would not be recomputed. Whether that can pay depends on three figures this prob
 from __future__ import annotations
 
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cuda_timing import stream_milliseconds  # noqa: E402
+
 GIB = 2**30
 TOKENS, HIDDEN, INTERMEDIATE = 5400, 5120, 27648
-
-
-def timed(fn, stream: torch.cuda.Stream, repeats: int) -> float:
-    """Milliseconds a call takes on `stream`, from events there (one warm-up call)."""
-    with torch.cuda.stream(stream):
-        fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def main() -> int:
@@ -48,8 +41,8 @@ def main() -> int:
     out_stream, in_stream, compute = torch.cuda.Stream(), torch.cuda.Stream(), torch.cuda.Stream()
 
     row: dict[str, float] = {}
-    row["to host GB/s"] = round(GIB / timed(to_host, out_stream, 5) / 1e6, 1)
-    row["to device GB/s"] = round(GIB / timed(to_device, in_stream, 5) / 1e6, 1)
+    row["to host GB/s"] = round(GIB / stream_milliseconds(to_host, out_stream, 5) / 1e6, 1)
+    row["to device GB/s"] = round(GIB / stream_milliseconds(to_device, in_stream, 5) / 1e6, 1)
     torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(5):
@@ -64,7 +57,7 @@ def main() -> int:
     weight = torch.randn(INTERMEDIATE, HIDDEN, device="cuda", dtype=torch.bfloat16)
     product = lambda: torch.nn.functional.linear(x, weight)  # noqa: E731
     flops = 2 * TOKENS * HIDDEN * INTERMEDIATE
-    alone = timed(product, compute, 20)
+    alone = stream_milliseconds(product, compute, 20)
     row["product alone ms"] = round(alone, 3)
     row["product alone TFLOP/s"] = round(flops / alone / 1e9)
     for name, copies in (("to host", (to_host,)), ("both ways", (to_host, to_device))):
@@ -89,7 +82,7 @@ def main() -> int:
             with torch.cuda.stream(stream):
                 for _ in range(16):
                     copy()
-        row[f"product beside copies {name}, ms"] = round(timed(product, compute, 20), 3)
+        row[f"product beside copies {name}, ms"] = round(stream_milliseconds(product, compute, 20), 3)
         torch.cuda.synchronize()
     print(json.dumps(row), flush=True)
     return 0
