@@ -37,13 +37,16 @@ training forward (`tracesft.train.lora_forward`; `fast_lora: false`, PEFT's own 
 peak, and the plan's kept layers and estimated peak (`tracesft.train.memory_plan`), to calibrate it.
 `--packing-lengths 8192 4096` runs the production path at each `training.packing_length`: rows
 hold the same tokens per optimizer step either way, shorter rows leave the budget room for more
-kept layers. `--workload uniform_4096` runs any of these (or `--profile`) on one workload only.
+kept layers. `--gpu-idle` traces the timed steps' kernels (`gpu_idle.py`): how much of the window
+the GPU was busy, and the kernels it waited to be given. `--workload uniform_4096` runs any of these
+(or `--profile`) on one workload only.
 
     python benchmarks/train_throughput.py               # one H200, ~6 min: results/train_throughput.json
     python benchmarks/train_throughput.py --ablations   # one H200, ~6 min: results/train_throughput_ablations.json
     python benchmarks/train_throughput.py --budgets 40 70  # one H200: results/train_throughput_budgets.json
     python benchmarks/train_throughput.py --budgets 40 70 --workload uniform_4096  # ..._budgets_uniform_4096.json
     python benchmarks/train_throughput.py --profile --layers 8  # one H200: top kernels of the project path, workload (b)
+    python benchmarks/train_throughput.py --gpu-idle --workload lognormal_1200  # one H200: the GPU's idle gaps
     python benchmarks/train_throughput.py --tiny        # CPU plumbing check, tiny Qwen2: *_tiny.json (git-ignored)
 """
 
@@ -74,6 +77,7 @@ from transformers import AttentionInterface, TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_idle import idle_report, profiled_kernels  # noqa: E402
 from random_32b import add_model_arguments, library_versions, qwen2_config, random_base, runs_tiny  # noqa: E402
 
 from tracesft.config import Device, TrainingRecipe  # noqa: E402
@@ -97,6 +101,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MEASURED_PATH = "tracesft.train.distributed.train"
 WORKLOADS = ("lognormal_1200", "uniform_4096")
 PROFILED = [torch.profiler.ProfilerActivity.CPU, *([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]
+Profile = str  # None: not profiled; "kernels": top kernels and ops by shape; "idle": the GPU's idle gaps (CUDA only)
 CHECK_LENGTH = {"lognormal_1200": 1200, "uniform_4096": 4096}  # tokens of each loss-check example
 CHECK_EXAMPLES = 8
 # Examples for this many optimizer steps beyond the trained ones, so no epoch (and the evaluation
@@ -242,11 +247,13 @@ def synchronize() -> None:
 class StepTimer(TrainerCallback):
     """Loss before any update, then optimizer steps 2 to 1 + `steps` timed, then training stopped."""
 
-    def __init__(self, steps: int, change: Callable[[Any], None] | None, profile: bool = False) -> None:
-        self.steps, self.change = steps, change
+    def __init__(self, steps: int, change: Callable[[Any], None] | None, profile: Profile | None = None) -> None:
+        self.steps, self.change, self.profile = steps, change, profile
         self.result: dict[str, Any] = {"packed_attention_calls": 0}
         self._start: tuple[float, int] | None = None
-        self._profiler = torch.profiler.profile(activities=PROFILED, record_shapes=True) if profile else None
+        self._profiler = (None if profile is None else
+                          torch.profiler.profile(activities=PROFILED[-1:]) if profile == "idle"  # CUDA's alone (CPU: plumbing)
+                          else torch.profiler.profile(activities=PROFILED, record_shapes=True))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.change is not None:
@@ -294,6 +301,9 @@ class StepTimer(TrainerCallback):
             synchronize()
             if self._profiler is not None:
                 self._profiler.stop()
+            if self.profile == "idle":
+                self.result["gpu_idle"] = idle_report(profiled_kernels(self._profiler))
+            elif self.profile == "kernels":
                 sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"  # kernels, not callers
                 print(self._profiler.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90), flush=True)
                 print(self._profiler.key_averages(group_by_input_shape=True).table(  # which products, by shape
@@ -308,9 +318,9 @@ class StepTimer(TrainerCallback):
 
 
 def measure(path: TrainingPath, dataset: SFTDataset, base_model: str, recipe: TrainingRecipe, device: Device, steps: int,
-            workdir: Path, profile: bool = False) -> dict[str, Any]:
+            workdir: Path, profile: Profile | None = None) -> dict[str, Any]:
     """Train `path` on `dataset` for 1 + `steps` optimizer steps; what `StepTimer` recorded (and,
-    with `profile`, the top kernels of the timed steps printed)."""
+    with `profile` "kernels", the top kernels of the timed steps printed)."""
     if not path.uses_liger(recipe, device) and liger_patched():
         raise RuntimeError(f"{path.name}: Liger already patched Qwen2 in this process; run the paths without it first")
     timer = StepTimer(steps, path.change, profile)
@@ -443,6 +453,9 @@ def parse_args() -> argparse.Namespace:
                              "at the default budget), on workload (b) unless --workload says: print the top kernels of "
                              "their timed steps, then the top ops by input shape (tokens/s then include the profiler's "
                              "cost; use with --layers 8)")
+    parser.add_argument("--gpu-idle", action="store_true",
+                        help="seed and project (or the paths other options name) with their timed steps' kernels "
+                             "traced: the GPU's busy share and idle gaps, by size and by the kernel after each")
     add_model_arguments(parser)
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args()
@@ -462,14 +475,15 @@ def main() -> int:
         paths = (PROJECT, EVERY_LAYER_RECOMPUTED) if args.profile else (SEED, PROJECT)
     workloads = ((args.workload,) if args.workload else WORKLOADS[1:] if args.profile
                  else WORKLOADS[:1] if ablated or args.budgets else WORKLOADS)
-    report = run(paths, workloads, args.steps, tiny, args.layers, args.workdir, args.profile)
+    profile = "kernels" if args.profile else "idle" if args.gpu_idle else None
+    report = run(paths, workloads, args.steps, tiny, args.layers, args.workdir, profile)
     print_table(report)
     name = ("train_throughput" + ("_ablations" if ablated else "")
             + ("_" + "_".join(ablated) if ablated and ablated != list(ABLATIONS) else "")
             + ("_budgets" if args.budgets else "")
             + ("_packing" if args.packing_lengths else "")
             + (f"_{args.workload}" if args.workload and (ablated or args.budgets or args.packing_lengths) else "")
-            + ("_profile" if args.profile else "") + ("_tiny" if tiny else ""))
+            + ("_profile" if args.profile else "") + ("_gpu_idle" if args.gpu_idle else "") + ("_tiny" if tiny else ""))
     out = args.out or RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -478,7 +492,7 @@ def main() -> int:
 
 
 def run(paths: tuple[TrainingPath, ...], workloads: tuple[str, ...], steps: int, tiny: bool, layers: int = 64,
-        workdir: Path | None = None, profile: bool = False) -> dict[str, Any]:
+        workdir: Path | None = None, profile: Profile | None = None) -> dict[str, Any]:
     """Write the random base, train every path on every workload, and report (CPU and tiny Qwen2 if `tiny`)."""
     device: Device = "cpu" if tiny else "cuda"
     scale = TINY_SCALE if tiny else 1

@@ -50,3 +50,16 @@ def test_tiny_budgets_report_the_plan_beside_the_run_with_every_layer_recomputed
     assert recomputed["recomputed_layers"] == 2 and recomputed["kept_layers"] is None and recomputed["speedup"] == 1
     assert (budget["budget_gib"], budget["kept_layers"], budget["recomputed_layers"]) == (40, 2, 0)  # a tiny model fits
     assert 0 < budget["estimated_peak_gib"] < 1 and budget["tokens_per_s"] > 0 and report["same_loss"]
+
+
+def test_gpu_idle_report_merges_overlapping_kernels_and_names_what_ended_each_gap(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    gpu_idle = importlib.import_module("gpu_idle")
+    kernels = [(0, 100, "gemm"), (50, 120, "copy"), (170, 200, "dropout"), (2200, 2300, "gemm"), (2305, 2400, "add")]
+    report = gpu_idle.idle_report(kernels)
+    assert report["window_ms"] == 2.4 and report["idle_ms"] == 2.055
+    assert report["busy_share"] == round(345 / 2400, 4)
+    assert report["largest_gaps"][0] == {"us": 2000, "before": "dropout", "after": "gemm"}
+    assert report["idle_ms_by_next_kernel"] == {"gemm": 2.0, "dropout": 0.05, "add": 0.005}
+    assert report["gaps_by_size"] == {"< 10,000 us": {"count": 1, "ms": 2.0}, "< 100 us": {"count": 1, "ms": 0.05},
+                                      "< 10 us": {"count": 1, "ms": 0.005}}
