@@ -2,10 +2,11 @@
 
 A step's kernel shares (`train_throughput.py --profile`) say where GPU time goes, not whether the
 GPU was busy: time the host spends launching, waiting on a synchronisation or running the Trainer's
-own bookkeeping shows only as gaps between kernels. This turns the kernels of a CUDA-only profile
-(CUPTI's activity records, which cost the host far less than recording every CPU op) into the busy
+own bookkeeping shows only as gaps between kernels. This turns a profile's kernels into the busy
 share of the window, the gaps by size, and the gaps summed by the kernel that ended them (the work
-the host was late to launch).
+the host was late to launch); and, given the host's ops, the ops that were running during the gaps
+of a millisecond or more (nested ops each count), which say what the host was doing meanwhile.
+Recording the host's ops costs the host time of its own, so the busy share then reads a little low.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
+
 GAP_SIZES_US = (10, 100, 1_000, 10_000)
+ATTRIBUTED_GAP_US = 1_000
+
+Interval = tuple[float, float, str]  # (start µs, end µs, name)
 
 
-def idle_report(kernels: list[tuple[float, float, str]], top: int = 15) -> dict[str, Any]:
-    """Busy share and idle gaps of `kernels` ((start µs, end µs, name), any order, overlaps allowed)."""
+def idle_report(kernels: list[Interval], host_ops: list[Interval] = (), top: int = 15) -> dict[str, Any]:
+    """Busy share and idle gaps of `kernels` (any order, overlaps allowed), the long gaps' host ops."""
     if not kernels:
         return {"kernels": 0}
     ordered = sorted(kernels)
@@ -42,7 +48,7 @@ def idle_report(kernels: list[tuple[float, float, str]], top: int = 15) -> dict[
     by_next: dict[str, float] = defaultdict(float)
     for gap, _, after in gaps:
         by_next[after] += gap
-    return {
+    report = {
         "kernels": len(kernels),
         "window_ms": round(window / 1000, 3),
         "busy_share": round(busy / window, 4),
@@ -54,11 +60,36 @@ def idle_report(kernels: list[tuple[float, float, str]], top: int = 15) -> dict[
         "largest_gaps": [{"us": round(gap, 1), "before": before[:60], "after": after[:60]}
                          for gap, before, after in sorted(gaps, reverse=True)[:top]],
     }
+    if host_ops:
+        long_gaps = []
+        gap_end = ordered[0][1]
+        for start, end, _ in ordered[1:]:
+            if start - gap_end >= ATTRIBUTED_GAP_US:
+                long_gaps.append((gap_end, start))
+            gap_end = max(gap_end, end)
+        report["long_gap_ms_by_host_op"] = host_time_in(long_gaps, host_ops, top)
+    return report
 
 
-def profiled_kernels(profiler: Any) -> list[tuple[float, float, str]]:
-    """The device activities (kernels, copies, fills) of a finished `torch.profiler.profile`, in µs."""
+def host_time_in(windows: list[tuple[float, float]], host_ops: list[Interval], top: int) -> dict[str, float]:
+    """Milliseconds each host op name spent inside `windows`, the `top` largest."""
+    starts = np.array([op[0] for op in host_ops])
+    ends = np.array([op[1] for op in host_ops])
+    overlap = np.zeros(len(host_ops))
+    for low, high in windows:
+        overlap += np.clip(np.minimum(ends, high) - np.maximum(starts, low), 0, None)
+    by_name: dict[str, float] = defaultdict(float)
+    for index in np.flatnonzero(overlap):
+        by_name[host_ops[index][2]] += overlap[index]
+    return {name[:90]: round(total / 1000, 3) for name, total in sorted(by_name.items(), key=lambda item: -item[1])[:top]}
+
+
+def profiled_intervals(profiler: Any) -> tuple[list[Interval], list[Interval]]:
+    """The device activities (kernels, copies, fills) and the host ops of a finished `torch.profiler.profile`."""
     from torch.autograd import DeviceType
 
-    return [(event.time_range.start, event.time_range.end, event.name) for event in profiler.events()
-            if event.device_type == DeviceType.CUDA]
+    kernels, host_ops = [], []
+    for event in profiler.events():
+        interval = (event.time_range.start, event.time_range.end, event.name)
+        (kernels if event.device_type == DeviceType.CUDA else host_ops).append(interval)
+    return kernels, host_ops

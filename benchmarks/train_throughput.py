@@ -37,8 +37,8 @@ training forward (`tracesft.train.lora_forward`; `fast_lora: false`, PEFT's own 
 peak, and the plan's kept layers and estimated peak (`tracesft.train.memory_plan`), to calibrate it.
 `--packing-lengths 8192 4096` runs the production path at each `training.packing_length`: rows
 hold the same tokens per optimizer step either way, shorter rows leave the budget room for more
-kept layers. `--gpu-idle` traces the timed steps' kernels (`gpu_idle.py`): how much of the window
-the GPU was busy, and the kernels it waited to be given. `--workload uniform_4096` runs any of these
+kept layers. `--gpu-idle` traces the timed steps (`gpu_idle.py`): how much of the window the GPU
+was busy, the kernels it waited to be given, and what the host was doing meanwhile. `--workload uniform_4096` runs any of these
 (or `--profile`) on one workload only.
 
     python benchmarks/train_throughput.py               # one H200, ~6 min: results/train_throughput.json
@@ -77,7 +77,7 @@ from transformers import AttentionInterface, TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_idle import idle_report, profiled_kernels  # noqa: E402
+from gpu_idle import idle_report, profiled_intervals  # noqa: E402
 from random_32b import add_model_arguments, library_versions, qwen2_config, random_base, runs_tiny  # noqa: E402
 
 from tracesft.config import Device, TrainingRecipe  # noqa: E402
@@ -101,7 +101,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MEASURED_PATH = "tracesft.train.distributed.train"
 WORKLOADS = ("lognormal_1200", "uniform_4096")
 PROFILED = [torch.profiler.ProfilerActivity.CPU, *([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]
-Profile = str  # None: not profiled; "kernels": top kernels and ops by shape; "idle": the GPU's idle gaps (CUDA only)
+Profile = str  # None: not profiled; "kernels": top kernels and ops by shape; "idle": the GPU's idle gaps
 CHECK_LENGTH = {"lognormal_1200": 1200, "uniform_4096": 4096}  # tokens of each loss-check example
 CHECK_EXAMPLES = 8
 # Examples for this many optimizer steps beyond the trained ones, so no epoch (and the evaluation
@@ -251,9 +251,8 @@ class StepTimer(TrainerCallback):
         self.steps, self.change, self.profile = steps, change, profile
         self.result: dict[str, Any] = {"packed_attention_calls": 0}
         self._start: tuple[float, int] | None = None
-        self._profiler = (None if profile is None else
-                          torch.profiler.profile(activities=PROFILED[-1:]) if profile == "idle"  # CUDA's alone (CPU: plumbing)
-                          else torch.profiler.profile(activities=PROFILED, record_shapes=True))
+        self._profiler = None if profile is None else torch.profiler.profile(
+            activities=PROFILED, record_shapes=profile == "kernels")
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.change is not None:
@@ -299,17 +298,17 @@ class StepTimer(TrainerCallback):
                 self._profiler.start()
         elif self._start is not None and state.global_step == 1 + self.steps:
             synchronize()
+            seconds = time.perf_counter() - self._start[0]  # before the profile is read out
+            tokens = state.num_input_tokens_seen - self._start[1]
             if self._profiler is not None:
                 self._profiler.stop()
             if self.profile == "idle":
-                self.result["gpu_idle"] = idle_report(profiled_kernels(self._profiler))
+                self.result["gpu_idle"] = idle_report(*profiled_intervals(self._profiler))
             elif self.profile == "kernels":
                 sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"  # kernels, not callers
                 print(self._profiler.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90), flush=True)
                 print(self._profiler.key_averages(group_by_input_shape=True).table(  # which products, by shape
                     sort_by=sort, row_limit=40, max_name_column_width=40, max_shapes_column_width=90), flush=True)
-            seconds = time.perf_counter() - self._start[0]
-            tokens = state.num_input_tokens_seen - self._start[1]
             peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
             self.result.update(tokens_per_s=round(tokens / seconds, 1), tokens=tokens, seconds=round(seconds, 2),
                                peak_gib=peak)
@@ -455,7 +454,8 @@ def parse_args() -> argparse.Namespace:
                              "cost; use with --layers 8)")
     parser.add_argument("--gpu-idle", action="store_true",
                         help="seed and project (or the paths other options name) with their timed steps' kernels "
-                             "traced: the GPU's busy share and idle gaps, by size and by the kernel after each")
+                             "and host ops traced: the GPU's busy share and idle gaps, by size, by the kernel after "
+                             "each and by the host ops running in the long ones")
     add_model_arguments(parser)
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args()

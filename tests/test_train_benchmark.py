@@ -63,3 +63,13 @@ def test_gpu_idle_report_merges_overlapping_kernels_and_names_what_ended_each_ga
     assert report["idle_ms_by_next_kernel"] == {"gemm": 2.0, "dropout": 0.05, "add": 0.005}
     assert report["gaps_by_size"] == {"< 10,000 us": {"count": 1, "ms": 2.0}, "< 100 us": {"count": 1, "ms": 0.05},
                                       "< 10 us": {"count": 1, "ms": 0.005}}
+    assert "long_gap_ms_by_host_op" not in report  # no host ops given
+
+
+def test_gpu_idle_report_sums_the_host_ops_running_in_gaps_of_a_millisecond_or_more(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    gpu_idle = importlib.import_module("gpu_idle")
+    kernels = [(0, 100, "gemm"), (200, 300, "gemm"), (2300, 2400, "gemm")]  # gaps: 100 us (short), 2,000 us
+    host_ops = [(0, 2400, "step"), (250, 1300, "optimizer"), (1300, 2350, "item"), (150, 190, "launch")]
+    report = gpu_idle.idle_report(kernels, host_ops)
+    assert report["long_gap_ms_by_host_op"] == {"step": 2.0, "item": 1.0, "optimizer": 1.0}
