@@ -6,11 +6,14 @@ own bookkeeping shows only as gaps between kernels. This turns a profile's kerne
 share of the window, the gaps by size, and the gaps summed by the kernel that ended them (the work
 the host was late to launch); and, given the host's ops, the ops that were running during the gaps
 of a millisecond or more (nested ops each count), which say what the host was doing meanwhile.
-Recording the host's ops costs the host time of its own, so the busy share then reads a little low.
+Python's own work runs in no op: `GarbageCollectionMarks` adds the collector's pauses as ops, and
+what is left unattributed is the Python code of the training loop itself. Recording the host's ops
+costs the host time of its own, so the busy share then reads a little low.
 """
 
 from __future__ import annotations
 
+import gc
 from collections import defaultdict
 from typing import Any
 
@@ -82,6 +85,29 @@ def host_time_in(windows: list[tuple[float, float]], host_ops: list[Interval], t
     for index in np.flatnonzero(overlap):
         by_name[host_ops[index][2]] += overlap[index]
     return {name[:90]: round(total / 1000, 3) for name, total in sorted(by_name.items(), key=lambda item: -item[1])[:top]}
+
+
+class GarbageCollectionMarks:
+    """Python's garbage collections, while installed, as host ops of the running profile: "python gc (generation N)"."""
+
+    def __init__(self) -> None:
+        self._open: list[Any] = []
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        from torch.autograd.profiler import record_function
+
+        if phase == "start":
+            mark = record_function(f"python gc (generation {info['generation']})")
+            mark.__enter__()
+            self._open.append(mark)
+        elif self._open:
+            self._open.pop().__exit__(None, None, None)
+
+    def install(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def remove(self) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 def profiled_intervals(profiler: Any) -> tuple[list[Interval], list[Interval]]:

@@ -77,7 +77,7 @@ from transformers import AttentionInterface, TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_idle import idle_report, profiled_intervals  # noqa: E402
+from gpu_idle import GarbageCollectionMarks, idle_report, profiled_intervals  # noqa: E402
 from random_32b import add_model_arguments, library_versions, qwen2_config, random_base, runs_tiny  # noqa: E402
 
 from tracesft.config import Device, TrainingRecipe  # noqa: E402
@@ -253,6 +253,7 @@ class StepTimer(TrainerCallback):
         self._start: tuple[float, int] | None = None
         self._profiler = None if profile is None else torch.profiler.profile(
             activities=PROFILED, record_shapes=profile == "kernels")
+        self._collections = GarbageCollectionMarks() if profile == "idle" else None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.change is not None:
@@ -296,10 +297,14 @@ class StepTimer(TrainerCallback):
             self._start = (time.perf_counter(), state.num_input_tokens_seen)
             if self._profiler is not None:
                 self._profiler.start()
+            if self._collections is not None:
+                self._collections.install()
         elif self._start is not None and state.global_step == 1 + self.steps:
             synchronize()
             seconds = time.perf_counter() - self._start[0]  # before the profile is read out
             tokens = state.num_input_tokens_seen - self._start[1]
+            if self._collections is not None:
+                self._collections.remove()
             if self._profiler is not None:
                 self._profiler.stop()
             if self.profile == "idle":

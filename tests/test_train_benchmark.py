@@ -73,3 +73,21 @@ def test_gpu_idle_report_sums_the_host_ops_running_in_gaps_of_a_millisecond_or_m
     host_ops = [(0, 2400, "step"), (250, 1300, "optimizer"), (1300, 2350, "item"), (150, 190, "launch")]
     report = gpu_idle.idle_report(kernels, host_ops)
     assert report["long_gap_ms_by_host_op"] == {"step": 2.0, "item": 1.0, "optimizer": 1.0}
+
+
+def test_garbage_collections_appear_in_a_profile_as_host_ops(monkeypatch):
+    import gc
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    gpu_idle = importlib.import_module("gpu_idle")
+    marks = gpu_idle.GarbageCollectionMarks()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        marks.install()
+        try:
+            gc.collect()
+        finally:
+            marks.remove()
+    _, host_ops = gpu_idle.profiled_intervals(profiler)
+    assert "python gc (generation 2)" in {name for _, _, name in host_ops}
