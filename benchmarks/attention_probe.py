@@ -98,7 +98,8 @@ def inputs(lengths: list[int], seed: int = 0):
         return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=generator).requires_grad_()
 
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
-    return randn(tokens, HEADS, HEAD_DIM), randn(tokens, KV_HEADS, HEAD_DIM), randn(tokens, KV_HEADS, HEAD_DIM), cu, max(lengths)
+    q, k, v = randn(tokens, HEADS, HEAD_DIM), randn(tokens, KV_HEADS, HEAD_DIM), randn(tokens, KV_HEADS, HEAD_DIM)
+    return q, k, v, cu, max(lengths), randn(tokens, HEADS, HEAD_DIM).detach()  # the last: the output's gradient
 
 
 def run(kernel, q, k, v, cu, max_len, grad):
@@ -126,15 +127,15 @@ def main() -> int:
     if not torch.cuda.is_available():
         raise SystemExit("attention_probe.py times CUDA kernels: run it on a GPU machine")
     print(torch.cuda.get_device_name(), torch.__version__, "cudnn", torch.backends.cudnn.version(), flush=True)
-    cases = {"uniform 2 x 4096": [[4096, 4096]], "log-normal rows": rows()}
+    cases = {"uniform 2 x 4096": [[4096, 4096]], "1 x 8192": [[8192]], "4 x 2048": [[2048] * 4], "8 x 1024": [[1024] * 8],
+             "log-normal rows": rows()}
     report = {}
     for case, row_set in cases.items():
         reference = None
         for name, kernel in KERNELS.items():
             result = {}
             try:
-                q, k, v, cu, max_len = inputs(row_set[0])
-                grad = torch.randn_like(q)
+                q, k, v, cu, max_len, grad = inputs(row_set[0])  # the same inputs and gradient for every kernel
                 got = run(kernel, q, k, v, cu, max_len, grad)
                 if name.startswith("flash"):
                     reference = got
@@ -150,8 +151,7 @@ def main() -> int:
                 result["fwd_bwd_tflops"] = round(3.5 * forward_flop / result["fwd_bwd_ms"] / 1e9, 1)
                 firsts = []
                 for lengths in row_set[1:]:  # rows of new shapes: the first call of each, then again
-                    q2, k2, v2, cu2, max2 = inputs(lengths, seed=len(firsts) + 1)
-                    g2 = torch.randn_like(q2)
+                    q2, k2, v2, cu2, max2, g2 = inputs(lengths, seed=len(firsts) + 1)
                     torch.cuda.synchronize()
                     start = time.perf_counter()
                     run(kernel, q2, k2, v2, cu2, max2, g2)
