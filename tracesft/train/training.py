@@ -15,7 +15,8 @@ passes over each output, and a recompute that skips each layer's last 4-bit prod
 false` trains with the seed's batching exactly. With gradient checkpointing, the last layers that
 `memory_budget_gib` has room for keep their activations instead of being recomputed
 (`tracesft.train.layer_checkpointing`). With `device` cuda the base is 4-bit NF4, the precision
-bf16 and the optimizer the seed's paged 8-bit AdamW;
+bf16 and the optimizer the seed's paged 8-bit AdamW, stepping without bitsandbytes' device
+synchronisation after every parameter (`tracesft.train.optimizer_step`);
 with `device` cpu, where none of these exists, the base stays in float32 and AdamW is used: same
 code path, same recipe otherwise. Checkpoints go to a persistent directory keyed by everything that determines the
 result, so a preempted run started again with the same inputs resumes where it stopped.
@@ -34,6 +35,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from tracesft.train import optimizer_step
 from tracesft.train.adapter import LoraAdapter, save_adapter, write_metadata
 from tracesft.config import Device, TrainingRecipe
 from tracesft.errors import TracesftError
@@ -219,6 +221,7 @@ def prepare_training(
         eval_dataset=validation,
         processing_class=tokenizer,
         peft_config=lora if recipe.use_lora else None,
+        optimizer_cls_and_kwargs=optimizer_step.optimizer_cls_and_kwargs(args),
         callbacks=[*(callbacks or []), *reporting_callbacks(recipe), layer_checkpointing],
     )
     if recipe.fast_lora:
