@@ -6,16 +6,18 @@ own bookkeeping shows only as gaps between kernels. This turns a profile's kerne
 share of the window, the gaps by size, and the gaps summed by the kernel that ended them (the work
 the host was late to launch); and, given the host's ops, the ops that were running during the gaps
 of a millisecond or more (nested ops each count), which say what the host was doing meanwhile.
-Python's own work runs in no op: `GarbageCollectionMarks` adds the collector's pauses as ops, and
-what is left unattributed is the Python code of the training loop itself. Recording the host's ops
-costs the host time of its own, so the busy share then reads a little low.
+Python's own work runs in no op: `GarbageCollectionMarks` adds the collector's pauses as ops and
+`mark_methods` the phases of a training loop (each method named, as "Class.method"), so the time
+left unattributed narrows to Python between them. Recording the host's ops costs the host time of
+its own, so the busy share then reads a little low.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -108,6 +110,26 @@ class GarbageCollectionMarks:
 
     def remove(self) -> None:
         gc.callbacks.remove(self._callback)
+
+
+def mark_methods(methods: dict[type, tuple[str, ...]]) -> Callable[[], None]:
+    """Each method named (defined by its class itself), until undone, as a host op of the running profile:
+    "Class.method". Returns the undo."""
+    from torch.autograd.profiler import record_function
+
+    originals = []
+    for owner, names in methods.items():
+        for name in names:
+            original = owner.__dict__[name]
+
+            def marked(*args: Any, _original: Any = original, _label: str = f"{owner.__name__}.{name}",
+                       **kwargs: Any) -> Any:
+                with record_function(_label):
+                    return _original(*args, **kwargs)
+
+            setattr(owner, name, functools.wraps(original)(marked))
+            originals.append((owner, name, original))
+    return lambda: [setattr(owner, name, original) for owner, name, original in reversed(originals)]
 
 
 def profiled_intervals(profiler: Any) -> tuple[list[Interval], list[Interval]]:

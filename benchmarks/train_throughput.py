@@ -78,7 +78,7 @@ from transformers import AttentionInterface, TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_idle import GarbageCollectionMarks, idle_report, profiled_intervals  # noqa: E402
+from gpu_idle import GarbageCollectionMarks, idle_report, mark_methods, profiled_intervals  # noqa: E402
 from random_32b import add_model_arguments, library_versions, qwen2_config, random_base, runs_tiny  # noqa: E402
 
 from tracesft.config import Device, TrainingRecipe  # noqa: E402
@@ -264,6 +264,7 @@ class StepTimer(TrainerCallback):
         self._profiler = None if profile is None else torch.profiler.profile(
             activities=PROFILED, record_shapes=profile == "kernels")
         self._collections = GarbageCollectionMarks() if profile == "idle" else None
+        self._unmark_phases: Callable[[], Any] | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.change is not None:
@@ -309,12 +310,14 @@ class StepTimer(TrainerCallback):
                 self._profiler.start()
             if self._collections is not None:
                 self._collections.install()
+                self._unmark_phases = mark_methods(trainer_phases())
         elif self._start is not None and state.global_step == 1 + self.steps:
             synchronize()
             seconds = time.perf_counter() - self._start[0]  # before the profile is read out
             tokens = state.num_input_tokens_seen - self._start[1]
             if self._collections is not None:
                 self._collections.remove()
+                self._unmark_phases()
             if self._profiler is not None:
                 self._profiler.stop()
             if self.profile == "idle":
@@ -329,6 +332,18 @@ class StepTimer(TrainerCallback):
                                peak_gib=peak)
             self._start = None
             control.should_training_stop = True
+
+
+def trainer_phases() -> dict[type, tuple[str, ...]]:
+    """The Trainer's steps of a micro-batch and an optimizer step, marked in `--gpu-idle`'s trace (both
+    paths train through them; the optimizer's step and the data loader are marked by torch itself)."""
+    from accelerate import Accelerator
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    return {Trainer: ("get_batch_samples", "_prepare_inputs", "training_step", "floating_point_ops",
+                      "_track_num_input_tokens", "_maybe_log_save_evaluate"),
+            SFTTrainer: ("training_step", "compute_loss"), Accelerator: ("backward",)}
 
 
 def measure(path: TrainingPath, dataset: SFTDataset, base_model: str, recipe: TrainingRecipe, device: Device, steps: int,

@@ -91,3 +91,25 @@ def test_garbage_collections_appear_in_a_profile_as_host_ops(monkeypatch):
             marks.remove()
     _, host_ops = gpu_idle.profiled_intervals(profiler)
     assert "python gc (generation 2)" in {name for _, _, name in host_ops}
+
+
+def test_marked_methods_appear_in_a_profile_and_are_restored(monkeypatch):
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    gpu_idle = importlib.import_module("gpu_idle")
+
+    class Loop:
+        def step(self, value):
+            return value + 1
+
+    original = Loop.__dict__["step"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        unmark = gpu_idle.mark_methods({Loop: ("step",)})
+        try:
+            assert Loop().step(1) == 2
+        finally:
+            unmark()
+    assert Loop.__dict__["step"] is original
+    _, host_ops = gpu_idle.profiled_intervals(profiler)
+    assert "Loop.step" in {name for _, _, name in host_ops}
