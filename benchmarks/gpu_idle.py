@@ -33,25 +33,25 @@ def idle_report(kernels: list[Interval], host_ops: list[Interval] = (), top: int
         return {"kernels": 0}
     ordered = sorted(kernels)
     busy = 0.0
-    gaps: list[tuple[float, str, str]] = []  # (µs, kernel before, kernel after)
+    gaps: list[tuple[float, str, str, float]] = []  # (µs, kernel before, kernel after, when it began)
     span_start, span_end, last_name = ordered[0][0], ordered[0][1], ordered[0][2]
     for start, end, name in ordered[1:]:
         if start > span_end:
             busy += span_end - span_start
-            gaps.append((start - span_end, last_name, name))
+            gaps.append((start - span_end, last_name, name, span_end))
             span_start = start
         if end >= span_end:
             span_end, last_name = end, name
     busy += span_end - span_start
     window = span_end - ordered[0][0]
     by_size: dict[str, list[float]] = {}
-    for gap, _, _ in gaps:
+    for gap, *_ in gaps:
         bound = next((f"< {size:,} us" for size in GAP_SIZES_US if gap < size), f">= {GAP_SIZES_US[-1]:,} us")
         count_and_sum = by_size.setdefault(bound, [0, 0.0])
         count_and_sum[0] += 1
         count_and_sum[1] += gap
     by_next: dict[str, float] = defaultdict(float)
-    for gap, _, after in gaps:
+    for gap, _, after, _ in gaps:
         by_next[after] += gap
     report = {
         "kernels": len(kernels),
@@ -63,15 +63,10 @@ def idle_report(kernels: list[Interval], host_ops: list[Interval] = (), top: int
         "idle_ms_by_next_kernel": {name[:90]: round(total / 1000, 3)
                                    for name, total in sorted(by_next.items(), key=lambda item: -item[1])[:top]},
         "largest_gaps": [{"us": round(gap, 1), "before": before[:60], "after": after[:60]}
-                         for gap, before, after in sorted(gaps, reverse=True)[:top]],
+                         for gap, before, after, _ in sorted(gaps, reverse=True)[:top]],
     }
     if host_ops:
-        long_gaps = []
-        gap_end = ordered[0][1]
-        for start, end, _ in ordered[1:]:
-            if start - gap_end >= ATTRIBUTED_GAP_US:
-                long_gaps.append((gap_end, start))
-            gap_end = max(gap_end, end)
+        long_gaps = [(began, began + gap) for gap, _, _, began in gaps if gap >= ATTRIBUTED_GAP_US]
         report["long_gap_ms_by_host_op"] = host_time_in(long_gaps, host_ops, top)
     return report
 
