@@ -339,11 +339,13 @@ def trainer_phases() -> dict[type, tuple[str, ...]]:
     paths train through them; the optimizer's step and the data loader are marked by torch itself)."""
     from accelerate import Accelerator
     from transformers import Trainer
+    from transformers.trainer_callback import CallbackHandler
     from trl import SFTTrainer
 
     return {Trainer: ("get_batch_samples", "_prepare_inputs", "training_step", "floating_point_ops",
                       "_track_num_input_tokens", "_maybe_log_save_evaluate"),
-            SFTTrainer: ("training_step", "compute_loss"), Accelerator: ("backward",)}
+            SFTTrainer: ("training_step", "compute_loss"), Accelerator: ("backward",),
+            CallbackHandler: ("on_step_begin", "on_substep_end", "on_step_end", "on_optimizer_step")}
 
 
 def measure(path: TrainingPath, dataset: SFTDataset, base_model: str, recipe: TrainingRecipe, device: Device, steps: int,
