@@ -183,9 +183,9 @@ def without_lora_add_kernel() -> Callable[[], None]:
 def bitsandbytes_step() -> Callable[[], None]:
     """bitsandbytes' own optimizer step, which synchronises the device after every parameter, instead of
     `tracesft.train.optimizer_step`'s once a step."""
-    cls_and_kwargs = optimizer_step.optimizer_cls_and_kwargs
-    optimizer_step.optimizer_cls_and_kwargs = lambda args: None
-    return lambda: setattr(optimizer_step, "optimizer_cls_and_kwargs", cls_and_kwargs)
+    use = optimizer_step.use_one_synchronisation_per_step
+    optimizer_step.use_one_synchronisation_per_step = lambda trainer: None
+    return lambda: setattr(optimizer_step, "use_one_synchronisation_per_step", use)
 
 
 def lora_in_fp32(model: Any) -> None:

@@ -13,7 +13,11 @@ bitsandbytes = pytest.importorskip("bitsandbytes")
 
 from transformers import TrainingArguments  # noqa: E402
 
-from tracesft.train.optimizer_step import one_synchronisation_per_step, optimizer_cls_and_kwargs  # noqa: E402
+from tracesft.train.optimizer_step import (  # noqa: E402
+    one_synchronisation_per_step,
+    optimizer_cls_and_kwargs,
+    use_one_synchronisation_per_step,
+)
 
 
 def _parameters(seed: int) -> list[torch.nn.Parameter]:
@@ -73,3 +77,13 @@ def test_the_trainer_gets_the_class_its_optim_names_and_torch_optimizers_are_lef
     assert issubclass(optimizer_cls, bitsandbytes.optim.AdamW) and optimizer_cls is not bitsandbytes.optim.AdamW
     assert kwargs["optim_bits"] == 8 and kwargs["is_paged"]
     assert optimizer_cls_and_kwargs(TrainingArguments(output_dir=str(tmp_path), optim="adamw_torch", use_cpu=True)) is None
+
+
+def test_a_trainer_builds_the_one_synchronisation_class_when_training_starts(tmp_path):
+    from transformers import Trainer
+
+    model = torch.nn.Linear(4, 4)
+    args = TrainingArguments(output_dir=str(tmp_path), optim="adamw_8bit", use_cpu=True, report_to="none")
+    trainer = Trainer(model=model, args=args)
+    use_one_synchronisation_per_step(trainer)
+    assert type(trainer.create_optimizer()) is one_synchronisation_per_step(bitsandbytes.optim.AdamW)

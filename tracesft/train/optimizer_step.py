@@ -25,9 +25,18 @@ from typing import Any
 import torch
 
 
+def use_one_synchronisation_per_step(trainer: Any) -> None:
+    """Have `trainer` (SFT or GRPO) build the optimizer its `optim` names with one synchronisation a step, if
+    that optimizer is from bitsandbytes. The Trainer builds it when training starts, from its own
+    `optimizer_cls_and_kwargs`, set here since TRL's GRPOTrainer takes no such argument."""
+    cls_and_kwargs = optimizer_cls_and_kwargs(trainer.args)
+    if cls_and_kwargs is not None:
+        trainer.optimizer_cls_and_kwargs = cls_and_kwargs
+
+
 def optimizer_cls_and_kwargs(args: Any) -> tuple[type[torch.optim.Optimizer], dict[str, Any]] | None:
-    """What to pass as the Trainer's `optimizer_cls_and_kwargs` for training arguments `args`: the
-    class its `optim` names, synchronising once a step if it is from bitsandbytes; None otherwise."""
+    """The optimizer class training arguments `args` name and its arguments, synchronising once a step,
+    if it is from bitsandbytes; None otherwise."""
     from transformers import Trainer
 
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)

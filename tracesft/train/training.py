@@ -221,9 +221,9 @@ def prepare_training(
         eval_dataset=validation,
         processing_class=tokenizer,
         peft_config=lora if recipe.use_lora else None,
-        optimizer_cls_and_kwargs=optimizer_step.optimizer_cls_and_kwargs(args),
         callbacks=[*(callbacks or []), *reporting_callbacks(recipe), layer_checkpointing],
     )
+    optimizer_step.use_one_synchronisation_per_step(trainer)
     if recipe.fast_lora:
         use_training_forward(trainer.model)
     return PreparedTraining(trainer, tokenizer, checkpoints, row_length, quantized, optimizer,
