@@ -81,7 +81,8 @@ def host_time_in(windows: list[tuple[float, float]], host_ops: list[Interval], t
     by_name: dict[str, float] = defaultdict(float)
     for index in np.flatnonzero(overlap):
         by_name[host_ops[index][2]] += overlap[index]
-    return {name[:90]: round(total / 1000, 3) for name, total in sorted(by_name.items(), key=lambda item: -item[1])[:top]}
+    largest = sorted(by_name.items(), key=lambda item: -item[1])[:top]
+    return {name[:90]: round(total / 1000, 3) for name, total in largest}
 
 
 class GarbageCollectionMarks:

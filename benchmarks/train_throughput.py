@@ -39,8 +39,8 @@ peak, and the plan's kept layers and estimated peak (`tracesft.train.memory_plan
 `--packing-lengths 8192 4096` runs the production path at each `training.packing_length`: rows
 hold the same tokens per optimizer step either way, shorter rows leave the budget room for more
 kept layers. `--gpu-idle` traces the timed steps (`gpu_idle.py`): how much of the window the GPU
-was busy, the kernels it waited to be given, and what the host was doing meanwhile. `--workload uniform_4096` runs any of these
-(or `--profile`) on one workload only.
+was busy, the kernels it waited to be given, and what the host was doing meanwhile. `--workload
+uniform_4096` runs any of these (or `--profile`) on one workload only.
 
     python benchmarks/train_throughput.py               # one H200, ~6 min: results/train_throughput.json
     python benchmarks/train_throughput.py --ablations   # one H200, ~6 min: results/train_throughput_ablations.json
@@ -69,7 +69,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import ValidationError
@@ -102,7 +102,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MEASURED_PATH = "tracesft.train.distributed.train"
 WORKLOADS = ("lognormal_1200", "uniform_4096")
 PROFILED = [torch.profiler.ProfilerActivity.CPU, *([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]
-Profile = str  # None: not profiled; "kernels": top kernels and ops by shape; "idle": the GPU's idle gaps
+Profile = Literal["kernels", "idle"]  # top kernels and ops by input shape; the GPU's idle gaps and their causes
 CHECK_LENGTH = {"lognormal_1200": 1200, "uniform_4096": 4096}  # tokens of each loss-check example
 CHECK_EXAMPLES = 8
 # Examples for this many optimizer steps beyond the trained ones, so no epoch (and the evaluation
@@ -263,8 +263,8 @@ class StepTimer(TrainerCallback):
         self._start: tuple[float, int] | None = None
         self._profiler = None if profile is None else torch.profiler.profile(
             activities=PROFILED, record_shapes=profile == "kernels")
-        self._collections = GarbageCollectionMarks() if profile == "idle" else None
-        self._unmark_phases: Callable[[], Any] | None = None
+        self._collections = GarbageCollectionMarks()
+        self._unmark_phases: Callable[[], Any] = lambda: None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.change is not None:
@@ -308,14 +308,14 @@ class StepTimer(TrainerCallback):
             self._start = (time.perf_counter(), state.num_input_tokens_seen)
             if self._profiler is not None:
                 self._profiler.start()
-            if self._collections is not None:
+            if self.profile == "idle":  # Python's own pauses and the loop's phases, as host ops
                 self._collections.install()
                 self._unmark_phases = mark_methods(trainer_phases())
         elif self._start is not None and state.global_step == 1 + self.steps:
             synchronize()
             seconds = time.perf_counter() - self._start[0]  # before the profile is read out
             tokens = state.num_input_tokens_seen - self._start[1]
-            if self._collections is not None:
+            if self.profile == "idle":
                 self._collections.remove()
                 self._unmark_phases()
             if self._profiler is not None:
