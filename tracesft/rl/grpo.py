@@ -35,11 +35,9 @@ from tracesft.generate.engine import supports
 from tracesft.rl.problems import GrpoProblem
 from tracesft.rl.reward import REWARD_PARTS, reward_weights
 from tracesft.rl.rollout import engine_rollout
-from tracesft.train import optimizer_step
 from tracesft.train.adapter import LoraAdapter, write_metadata
-from tracesft.train.lora_forward import use_training_forward
 from tracesft.train.modeling import load_base_model, load_tokenizer
-from tracesft.train.training import use_one_gpu
+from tracesft.train.training import use_fast_training, use_one_gpu
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +167,5 @@ def prepare_grpo(
         callbacks=callbacks,
         rollout_func=engine_rollout(tokenizer, settings) if generation == "engine" else None,
     )
-    optimizer_step.use_one_synchronisation_per_step(trainer)
-    if recipe.fast_lora:
-        use_training_forward(trainer.model)
+    use_fast_training(trainer, recipe)
     return trainer, generation, recipe

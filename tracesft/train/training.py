@@ -223,9 +223,7 @@ def prepare_training(
         peft_config=lora if recipe.use_lora else None,
         callbacks=[*(callbacks or []), *reporting_callbacks(recipe), layer_checkpointing],
     )
-    optimizer_step.use_one_synchronisation_per_step(trainer)
-    if recipe.fast_lora:
-        use_training_forward(trainer.model)
+    use_fast_training(trainer, recipe)
     return PreparedTraining(trainer, tokenizer, checkpoints, row_length, quantized, optimizer,
                             len(train_rows), len(validation_rows), layer_checkpointing)
 
@@ -283,6 +281,15 @@ def train_lora(
         },
     )
     return adapter, summary
+
+
+def use_fast_training(trainer: Any, recipe: TrainingRecipe) -> None:
+    """What an SFT or GRPO trainer gets beyond TRL's own: bitsandbytes' optimizer stepping with one
+    device synchronisation (`tracesft.train.optimizer_step`) and, with `fast_lora`, LoRA's training
+    forward (`tracesft.train.lora_forward`)."""
+    optimizer_step.use_one_synchronisation_per_step(trainer)
+    if recipe.fast_lora:
+        use_training_forward(trainer.model)
 
 
 def use_one_gpu(args: Any) -> None:
