@@ -30,8 +30,7 @@ piece's share: packing (and with it the varlen attention, which only packed rows
 attention (packed rows on SDPA with transformers' block-diagonal mask), Liger's layers, bf16 LoRA
 (back to fp32 under bf16 autocast, as PEFT makes them and the seed's TRL kept them), the LoRA
 training forward (`tracesft.train.lora_forward`; `fast_lora: false`, PEFT's own forward), its add kernel
-(`tracesft.train.lora_add_kernel`; a product then an add instead), the optimizer's step
-(`tracesft.train.optimizer_step`; bitsandbytes' own, a device synchronisation per parameter).
+(`tracesft.train.lora_add_kernel`; a product then an add instead).
 
 `--budgets 40 70` runs, on workload (a), the production path with every layer recomputed
 (`memory_budget_gib: null`) and then at each `training.memory_budget_gib`: tokens/s, the measured
@@ -85,7 +84,7 @@ from tracesft.config import Device, TrainingRecipe  # noqa: E402
 from tracesft.data.sample_data import tokenizer_corpus  # noqa: E402
 from tracesft.data.sft_dataset import SFTDataset  # noqa: E402
 from tracesft.data.traces import TraceRecord  # noqa: E402
-from tracesft.train import lora_add_kernel, optimizer_step  # noqa: E402
+from tracesft.train import lora_add_kernel  # noqa: E402
 from tracesft.train.distributed import train  # noqa: E402
 from tracesft.train.modeling import (  # noqa: E402
     load_base_model,
@@ -180,14 +179,6 @@ def without_lora_add_kernel() -> Callable[[], None]:
     return lambda: setattr(lora_add_kernel, "applies", applies)
 
 
-def bitsandbytes_step() -> Callable[[], None]:
-    """bitsandbytes' own optimizer step, which synchronises the device after every parameter, instead of
-    `tracesft.train.optimizer_step`'s once a step."""
-    use = optimizer_step.use_one_synchronisation_per_step
-    optimizer_step.use_one_synchronisation_per_step = lambda trainer: None
-    return lambda: setattr(optimizer_step, "use_one_synchronisation_per_step", use)
-
-
 def lora_in_fp32(model: Any) -> None:
     """LoRA weights back in fp32, under the Trainer's bf16 autocast (TRL casts them to bf16 on a 4-bit base)."""
     for parameter in model.parameters():
@@ -230,7 +221,6 @@ ABLATIONS = {  # by the piece taken out, as `--ablations` names it
     "bf16-lora": TrainingPath("project, fp32 LoRA", change=lora_in_fp32),
     "lora-forward": TrainingPath("project, PEFT's LoRA forward", recipe={"fast_lora": False}),
     "lora-add-kernel": TrainingPath("project without the LoRA add kernel", switch=without_lora_add_kernel),
-    "optimizer-step": TrainingPath("project, bitsandbytes' optimizer step", switch=bitsandbytes_step),
 }
 EVERY_LAYER_RECOMPUTED = TrainingPath("project, every layer recomputed", recipe={"memory_budget_gib": None})
 

@@ -9,9 +9,8 @@ TRL keeping a frozen copy of it beside the trained one.
 The model is the parent's base loaded exactly as SFT loads it (`load_base_model`: NF4 on cuda
 when the parent's recipe says so, fp32 on the CPU) with the parent's adapter on it, trainable:
 the same LoRA continues, same rank and modules. Optimizer and gradient checkpointing follow the
-parent's recipe as well (AdamW on the CPU, where bitsandbytes' optimizers do not exist; on CUDA
-bitsandbytes' with one synchronisation a step, `tracesft.train.optimizer_step`), and the LoRA
-projections train with SFT's forward (`tracesft.train.lora_forward`).
+parent's recipe as well (AdamW on the CPU, where bitsandbytes' optimizers do not exist), and
+the LoRA projections train with SFT's forward (`tracesft.train.lora_forward`).
 
 Generation goes through the project's engine (`tracesft.rl.rollout`, via TRL's `rollout_func`)
 unless `grpo.generation` is `trl` or the engine does not support the architecture; then TRL's
@@ -36,8 +35,9 @@ from tracesft.rl.problems import GrpoProblem
 from tracesft.rl.reward import REWARD_PARTS, reward_weights
 from tracesft.rl.rollout import engine_rollout
 from tracesft.train.adapter import LoraAdapter, write_metadata
+from tracesft.train.lora_forward import use_training_forward
 from tracesft.train.modeling import load_base_model, load_tokenizer
-from tracesft.train.training import use_fast_training, use_one_gpu
+from tracesft.train.training import use_one_gpu
 
 logger = logging.getLogger(__name__)
 
@@ -167,5 +167,6 @@ def prepare_grpo(
         callbacks=callbacks,
         rollout_func=engine_rollout(tokenizer, settings) if generation == "engine" else None,
     )
-    use_fast_training(trainer, recipe)
+    if recipe.fast_lora:
+        use_training_forward(trainer.model)
     return trainer, generation, recipe

@@ -15,8 +15,7 @@ passes over each output, and a recompute that skips each layer's last 4-bit prod
 false` trains with the seed's batching exactly. With gradient checkpointing, the last layers that
 `memory_budget_gib` has room for keep their activations instead of being recomputed
 (`tracesft.train.layer_checkpointing`). With `device` cuda the base is 4-bit NF4, the precision
-bf16 and the optimizer the seed's paged 8-bit AdamW, stepping without bitsandbytes' device
-synchronisation after every parameter (`tracesft.train.optimizer_step`);
+bf16 and the optimizer the seed's paged 8-bit AdamW;
 with `device` cpu, where none of these exists, the base stays in float32 and AdamW is used: same
 code path, same recipe otherwise. Checkpoints go to a persistent directory keyed by everything that determines the
 result, so a preempted run started again with the same inputs resumes where it stopped.
@@ -35,7 +34,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tracesft.train import optimizer_step
 from tracesft.train.adapter import LoraAdapter, save_adapter, write_metadata
 from tracesft.config import Device, TrainingRecipe
 from tracesft.errors import TracesftError
@@ -223,7 +221,8 @@ def prepare_training(
         peft_config=lora if recipe.use_lora else None,
         callbacks=[*(callbacks or []), *reporting_callbacks(recipe), layer_checkpointing],
     )
-    use_fast_training(trainer, recipe)
+    if recipe.fast_lora:
+        use_training_forward(trainer.model)
     return PreparedTraining(trainer, tokenizer, checkpoints, row_length, quantized, optimizer,
                             len(train_rows), len(validation_rows), layer_checkpointing)
 
@@ -281,15 +280,6 @@ def train_lora(
         },
     )
     return adapter, summary
-
-
-def use_fast_training(trainer: Any, recipe: TrainingRecipe) -> None:
-    """What an SFT or GRPO trainer gets beyond TRL's own: bitsandbytes' optimizer stepping with one
-    device synchronisation (`tracesft.train.optimizer_step`) and, with `fast_lora`, LoRA's training
-    forward (`tracesft.train.lora_forward`)."""
-    optimizer_step.use_one_synchronisation_per_step(trainer)
-    if recipe.fast_lora:
-        use_training_forward(trainer.model)
 
 
 def use_one_gpu(args: Any) -> None:
