@@ -30,7 +30,9 @@ piece's share: packing (and with it the varlen attention, which only packed rows
 attention (packed rows on SDPA with transformers' block-diagonal mask), Liger's layers, bf16 LoRA
 (back to fp32 under bf16 autocast, as PEFT makes them and the seed's TRL kept them), the LoRA
 training forward (`tracesft.train.lora_forward`; `fast_lora: false`, PEFT's own forward), its add kernel
-(`tracesft.train.lora_add_kernel`; a product then an add instead).
+(`tracesft.train.lora_add_kernel`; a product then an add instead), the loop's freedom from device
+reads between micro-batches (`training.NO_DEVICE_READS_BETWEEN_MICRO_BATCHES`; the Trainer's loss
+filter and token count back on).
 
 `--budgets 40 70` runs, on workload (a), the production path with every layer recomputed
 (`memory_budget_gib: null`) and then at each `training.memory_budget_gib`: tokens/s, the measured
@@ -84,7 +86,7 @@ from tracesft.config import Device, TrainingRecipe  # noqa: E402
 from tracesft.data.sample_data import tokenizer_corpus  # noqa: E402
 from tracesft.data.sft_dataset import SFTDataset  # noqa: E402
 from tracesft.data.traces import TraceRecord  # noqa: E402
-from tracesft.train import lora_add_kernel  # noqa: E402
+from tracesft.train import lora_add_kernel, training  # noqa: E402
 from tracesft.train.distributed import train  # noqa: E402
 from tracesft.train.modeling import (  # noqa: E402
     load_base_model,
@@ -148,7 +150,6 @@ def train_seed(dataset: SFTDataset, base_model: str, recipe: TrainingRecipe, dev
         warmup_steps=recipe.warmup_steps,
         logging_steps=recipe.logging_steps,
         completion_only_loss=True,
-        include_num_input_tokens_seen="non_padding",  # what the timer reads; the shipped path sets it too
         save_strategy="no",
         report_to="none",
         seed=recipe.seed,
@@ -177,6 +178,15 @@ def without_lora_add_kernel() -> Callable[[], None]:
     applies = lora_add_kernel.applies
     lora_add_kernel.applies = lambda a: False
     return lambda: setattr(lora_add_kernel, "applies", applies)
+
+
+def device_reads_between_micro_batches() -> Callable[[], None]:
+    """The Trainer's NaN filter of the logged loss and its own token count back on, as the project
+    trained before: each reads the device after every micro-batch."""
+    settings = training.NO_DEVICE_READS_BETWEEN_MICRO_BATCHES
+    training.NO_DEVICE_READS_BETWEEN_MICRO_BATCHES = {"logging_nan_inf_filter": True,
+                                                      "include_num_input_tokens_seen": "non_padding"}
+    return lambda: setattr(training, "NO_DEVICE_READS_BETWEEN_MICRO_BATCHES", settings)
 
 
 def lora_in_fp32(model: Any) -> None:
@@ -221,6 +231,8 @@ ABLATIONS = {  # by the piece taken out, as `--ablations` names it
     "bf16-lora": TrainingPath("project, fp32 LoRA", change=lora_in_fp32),
     "lora-forward": TrainingPath("project, PEFT's LoRA forward", recipe={"fast_lora": False}),
     "lora-add-kernel": TrainingPath("project without the LoRA add kernel", switch=without_lora_add_kernel),
+    "micro-batch-waits": TrainingPath("project, device reads between micro-batches",
+                                      switch=device_reads_between_micro_batches),
 }
 EVERY_LAYER_RECOMPUTED = TrainingPath("project, every layer recomputed", recipe={"memory_budget_gib": None})
 
@@ -250,7 +262,8 @@ class StepTimer(TrainerCallback):
     def __init__(self, steps: int, change: Callable[[Any], None] | None, profile: Profile | None = None) -> None:
         self.steps, self.change, self.profile = steps, change, profile
         self.result: dict[str, Any] = {"packed_attention_calls": 0}
-        self._start: tuple[float, int] | None = None
+        self._start: float | None = None
+        self._tokens: list[torch.Tensor | int] = []
         self._profiler = None if profile is None else torch.profiler.profile(
             activities=PROFILED, record_shapes=profile == "kernels")
         self._collections = GarbageCollectionMarks()
@@ -259,6 +272,7 @@ class StepTimer(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.change is not None:
             self.change(model)
+        model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
         # The Trainer reads `eval_on_start` right after this event: its own evaluation, on the
         # validation split, with this path's batching and kernels, before the first update.
         args.eval_on_start = True
@@ -284,6 +298,14 @@ class StepTimer(TrainerCallback):
             "packing": args.packing,
         }
 
+    def _count_tokens(self, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The real tokens of each training forward while the clock runs, counted as the paths train
+        (neither path has the Trainer count them): a padding mask's sum, left on the device until the
+        clock stops so that counting reads nothing from the GPU, or the ids of a padding-free row."""
+        if self._start is not None and model.training:
+            mask = kwargs.get("attention_mask")
+            self._tokens.append(mask.sum() if mask is not None else kwargs["input_ids"].numel())
+
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self._start is not None:
             raise RuntimeError("an evaluation ran inside the timed steps: the workload needs more examples")
@@ -295,7 +317,7 @@ class StepTimer(TrainerCallback):
             synchronize()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            self._start = (time.perf_counter(), state.num_input_tokens_seen)
+            self._start = time.perf_counter()
             if self._profiler is not None:
                 self._profiler.start()
             if self.profile == "idle":  # Python's own pauses and the loop's phases, as host ops
@@ -303,8 +325,8 @@ class StepTimer(TrainerCallback):
                 self._unmark_phases = mark_methods(trainer_phases())
         elif self._start is not None and state.global_step == 1 + self.steps:
             synchronize()
-            seconds = time.perf_counter() - self._start[0]  # before the profile is read out
-            tokens = state.num_input_tokens_seen - self._start[1]
+            seconds = time.perf_counter() - self._start  # before the profile is read out
+            tokens = sum(int(count) for count in self._tokens)
             if self.profile == "idle":
                 self._collections.remove()
                 self._unmark_phases()

@@ -113,3 +113,18 @@ def test_marked_methods_appear_in_a_profile_and_are_restored(monkeypatch):
     assert Loop.__dict__["step"] is original
     _, host_ops = gpu_idle.profiled_intervals(profiler)
     assert "Loop.step" in {name for _, _, name in host_ops}
+
+
+def test_the_micro_batch_waits_ablation_turns_the_trainers_device_reads_back_on_and_is_undone(bench):
+    from tracesft.train import training
+
+    shipped = training.NO_DEVICE_READS_BETWEEN_MICRO_BATCHES
+    assert shipped == {"logging_nan_inf_filter": False, "include_num_input_tokens_seen": "no"}
+    undo = bench.ABLATIONS["micro-batch-waits"].switch()
+    try:
+        assert training.NO_DEVICE_READS_BETWEEN_MICRO_BATCHES == {"logging_nan_inf_filter": True,
+                                                                  "include_num_input_tokens_seen": "non_padding"}
+    finally:
+        undo()
+    assert training.NO_DEVICE_READS_BETWEEN_MICRO_BATCHES is shipped
+

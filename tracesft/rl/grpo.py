@@ -37,7 +37,7 @@ from tracesft.rl.rollout import engine_rollout
 from tracesft.train.adapter import LoraAdapter, write_metadata
 from tracesft.train.lora_forward import use_training_forward
 from tracesft.train.modeling import load_base_model, load_tokenizer
-from tracesft.train.training import use_one_gpu
+from tracesft.train.training import NO_DEVICE_READS_BETWEEN_MICRO_BATCHES, use_one_gpu
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ def prepare_grpo(
         seed=settings.seed,
         data_seed=settings.seed,
         report_to="none",
+        **NO_DEVICE_READS_BETWEEN_MICRO_BATCHES,
     )
     use_one_gpu(args)
     dataset = Dataset.from_list([{"prompt": prompt_messages(p.query), "query": p.query} for p in problems])

@@ -182,6 +182,10 @@ def mlflow_logging_callback(device: Device) -> Any:
     At each logging step: the Trainer's own values (loss, learning rate, gradient norm, and the
     validation loss whenever it evaluates), plus real (non-padding) tokens/s and samples/s over the
     interval and, with `device` cuda, GPU memory allocated and peak. At the end, a loss-curve PNG.
+    The tokens are TRL's count, logged as `num_tokens`. It starts where the Trainer state's count
+    stands as training starts: 0 for SFT, whose Trainer keeps no count of its own
+    (`NO_DEVICE_READS_BETWEEN_MICRO_BATCHES`), and for GRPO, which keeps TRL's count there, the
+    count restored on resume.
     """
     import time
 
@@ -198,9 +202,9 @@ def mlflow_logging_callback(device: Device) -> Any:
             if not (state.is_world_process_zero and logs):
                 return
             numeric = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
-            now, tokens, step = time.perf_counter(), state.num_input_tokens_seen, state.global_step
+            now, tokens, step = time.perf_counter(), logs.get("num_tokens"), state.global_step
             last_time, last_tokens, last_step = self._last
-            if "loss" in logs and now > last_time and step > last_step:
+            if "loss" in logs and tokens is not None and now > last_time and step > last_step:
                 rows = (step - last_step) * args.per_device_train_batch_size * args.gradient_accumulation_steps
                 numeric["tokens_per_s"] = (tokens - last_tokens) / (now - last_time)
                 numeric["samples_per_s"] = rows * self._examples_per_row / (now - last_time)
