@@ -32,8 +32,7 @@ attention (packed rows on SDPA with transformers' block-diagonal mask), Liger's 
 training forward (`tracesft.train.lora_forward`; `fast_lora: false`, PEFT's own forward), its add kernel
 (`tracesft.train.lora_add_kernel`; a product then an add instead), the loop's freedom from device
 reads between micro-batches (`training.NO_DEVICE_READS_BETWEEN_MICRO_BATCHES`; the Trainer's loss
-filter and token count back on), the FLOP count from one count of the parameters
-(`tracesft.train.sft_trainer`; TRL's trainer, which counts them on every micro-batch).
+filter and token count back on).
 
 `--budgets 40 70` runs, on workload (a), the production path with every layer recomputed
 (`memory_budget_gib: null`) and then at each `training.memory_budget_gib`: tokens/s, the measured
@@ -87,7 +86,7 @@ from tracesft.config import Device, TrainingRecipe  # noqa: E402
 from tracesft.data.sample_data import tokenizer_corpus  # noqa: E402
 from tracesft.data.sft_dataset import SFTDataset  # noqa: E402
 from tracesft.data.traces import TraceRecord  # noqa: E402
-from tracesft.train import lora_add_kernel, sft_trainer, training  # noqa: E402
+from tracesft.train import lora_add_kernel, training  # noqa: E402
 from tracesft.train.distributed import train  # noqa: E402
 from tracesft.train.modeling import (  # noqa: E402
     load_base_model,
@@ -190,15 +189,6 @@ def device_reads_between_micro_batches() -> Callable[[], None]:
     return lambda: setattr(training, "NO_DEVICE_READS_BETWEEN_MICRO_BATCHES", settings)
 
 
-def trls_flop_count() -> Callable[[], None]:
-    """TRL's `SFTTrainer` itself, whose Trainer counts the model's parameters for every micro-batch's FLOPs."""
-    import trl
-
-    ours = sft_trainer.SFTTrainer
-    sft_trainer.SFTTrainer = trl.SFTTrainer
-    return lambda: setattr(sft_trainer, "SFTTrainer", ours)
-
-
 def lora_in_fp32(model: Any) -> None:
     """LoRA weights back in fp32, under the Trainer's bf16 autocast (TRL casts them to bf16 on a 4-bit base)."""
     for parameter in model.parameters():
@@ -243,7 +233,6 @@ ABLATIONS = {  # by the piece taken out, as `--ablations` names it
     "lora-add-kernel": TrainingPath("project without the LoRA add kernel", switch=without_lora_add_kernel),
     "micro-batch-waits": TrainingPath("project, device reads between micro-batches",
                                       switch=device_reads_between_micro_batches),
-    "flop-count": TrainingPath("project, FLOPs counted by TRL's trainer", switch=trls_flop_count),
 }
 EVERY_LAYER_RECOMPUTED = TrainingPath("project, every layer recomputed", recipe={"memory_budget_gib": None})
 

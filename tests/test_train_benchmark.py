@@ -128,17 +128,3 @@ def test_the_micro_batch_waits_ablation_turns_the_trainers_device_reads_back_on_
         undo()
     assert training.NO_DEVICE_READS_BETWEEN_MICRO_BATCHES is shipped
 
-
-def test_the_flop_count_ablation_trains_with_trls_own_trainer_and_is_undone(bench):
-    import trl
-
-    from tracesft.train import sft_trainer
-
-    ours = sft_trainer.SFTTrainer
-    assert issubclass(ours, trl.SFTTrainer) and ours is not trl.SFTTrainer
-    undo = bench.ABLATIONS["flop-count"].switch()
-    try:
-        assert sft_trainer.SFTTrainer is trl.SFTTrainer
-    finally:
-        undo()
-    assert sft_trainer.SFTTrainer is ours

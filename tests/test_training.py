@@ -258,20 +258,6 @@ def test_persistent_checkpoint_directory_is_keyed_by_the_inputs(tmp_path) -> Non
     assert checkpoint_directory(TrainingRecipe(), "cpu", "m", None, "a" * 64) is None
 
 
-def test_the_trainer_counts_flops_as_transformers_does_from_one_count_of_the_parameters(
-        model_dir, records, tmp_path, monkeypatch) -> None:
-    from transformers import PreTrainedModel, Trainer
-
-    trainer = prepare_training(dataset(records[:2]), str(model_dir), TrainingRecipe(**FAST), "cpu", tmp_path).trainer
-    inputs = {"input_ids": torch.ones(1, 7, dtype=torch.long)}
-    transformers_count = Trainer.floating_point_ops(trainer, inputs)
-    counts = []
-    num_parameters = PreTrainedModel.num_parameters
-    monkeypatch.setattr(PreTrainedModel, "num_parameters", lambda *a, **k: counts.append(k) or num_parameters(*a, **k))
-    assert [trainer.floating_point_ops(inputs) for _ in range(3)] == [transformers_count] * 3 and transformers_count > 0
-    assert counts == [{"exclude_embeddings": True}]
-
-
 # --- tracking -------------------------------------------------------------------------------------
 
 def test_metrics_and_loss_curve_reach_mlflow(model_dir, records, tmp_path, monkeypatch) -> None:

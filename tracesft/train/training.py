@@ -149,9 +149,7 @@ def prepare_training(
     """Tokenize, plan the packed rows, load the model and build the trainer; nothing is trained yet."""
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import SFTConfig
-
-    from tracesft.train.sft_trainer import SFTTrainer
+    from trl import SFTConfig, SFTTrainer
 
     tokenizer = load_tokenizer(base_model, revision)
     train_rows = tokenized_rows(dataset.train, tokenizer, recipe.max_seq_length)
