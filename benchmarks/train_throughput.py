@@ -299,9 +299,9 @@ class StepTimer(TrainerCallback):
         }
 
     def _count_tokens(self, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """The real tokens of each training forward while the clock runs, counted as the paths train
-        (neither path has the Trainer count them): a padding mask's sum, left on the device until the
-        clock stops so that counting reads nothing from the GPU, or the ids of a padding-free row."""
+        """The real tokens of each training forward while the clock runs, counted the same way on
+        every path, whether its Trainer counts them or not: a padding mask's sum, left on the device
+        until the clock stops so that counting reads nothing from the GPU, or the ids of a padding-free row."""
         if self._start is not None and model.training:
             mask = kwargs.get("attention_mask")
             self._tokens.append(mask.sum() if mask is not None else kwargs["input_ids"].numel())
