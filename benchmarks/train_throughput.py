@@ -18,9 +18,10 @@ shipped `load_base_model` then loads it as it would a real checkpoint's cache.
 Nothing of the training loop is copied: a `TrainerCallback` asks each Trainer for its own
 evaluation before the first update (the loss check), lets one optimizer step pass as a warm-up
 (allocations, paged optimizer state, Triton compilation), times the next `--steps` and stops.
-Workloads: (a) lengths drawn log-normally, median 1,200 tokens, sigma 0.5, clipped to
-[256, 4096], fixed seed; (b) every example 4,096 tokens. Reported: real tokens/s (the Trainer's
-non-padding count; neither path pads), peak GiB, the ratios, and both paths' loss on the same 8
+Each run trains in a process of its own, so no run inherits another's allocator state, built
+kernels or patched modules. Workloads: (a) lengths drawn log-normally, median 1,200 tokens,
+sigma 0.5, clipped to [256, 4096], fixed seed; (b) every example 4,096 tokens. Reported: real
+tokens/s (the tokens of the model's training forwards; neither path pads), peak GiB, the ratios, and both paths' loss on the same 8
 held-out examples of one length before any update (LoRA B starts at zero, so both compute the
 base's function; one length makes per-row and per-example means the same estimator).
 
@@ -61,6 +62,7 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -360,12 +362,26 @@ def trainer_phases() -> dict[type, tuple[str, ...]]:
             CallbackHandler: ("on_step_begin", "on_substep_end", "on_step_end", "on_optimizer_step")}
 
 
+def measure_alone(path: TrainingPath, dataset: SFTDataset, base_model: str, recipe: TrainingRecipe, device: Device,
+                  steps: int, workdir: Path, profile: Profile | None = None) -> dict[str, Any]:
+    """`measure` in a process of its own, so that what one run leaves behind cannot change the next:
+    in one process, each later path peaked 1.4-2.9 GiB higher (the caching allocator's state), and
+    cuDNN's attention graphs built by one path served the next, whose speed then looked 4% better
+    (thirteenth session). The run's torch thread count is the caller's."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measure_with_threads, (torch.get_num_threads(), path, dataset, base_model, recipe, device,
+                                                  steps, workdir, profile))
+
+
+def _measure_with_threads(threads: int, *args: Any) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    return measure(*args)
+
+
 def measure(path: TrainingPath, dataset: SFTDataset, base_model: str, recipe: TrainingRecipe, device: Device, steps: int,
             workdir: Path, profile: Profile | None = None) -> dict[str, Any]:
     """Train `path` on `dataset` for 1 + `steps` optimizer steps; what `StepTimer` recorded (and,
     with `profile` "kernels", the top kernels of the timed steps printed)."""
-    if not path.uses_liger(recipe, device) and liger_patched():
-        raise RuntimeError(f"{path.name}: Liger already patched Qwen2 in this process; run the paths without it first")
     timer = StepTimer(steps, path.change, profile)
     output_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     undo = path.switch() if path.switch is not None else None
@@ -381,22 +397,12 @@ def measure(path: TrainingPath, dataset: SFTDataset, base_model: str, recipe: Tr
         if undo is not None:
             undo()
         shutil.rmtree(output_dir, ignore_errors=True)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
     if "tokens_per_s" not in timer.result:
         raise RuntimeError(f"{path.name}: training ended before {1 + steps} optimizer steps")
     setup = timer.result["setup"]
     if setup["packing"] and setup["attention"] == VARLEN_ATTENTION and not timer.result["packed_attention_calls"]:
         raise RuntimeError(f"{path.name}: packed rows never reached the varlen attention with example boundaries")
     return timer.result
-
-
-def liger_patched() -> bool:
-    """Liger patches Qwen2's module for good (RoPE, and the classes of models built later)."""
-    from transformers.models.qwen2 import modeling_qwen2
-
-    return "liger" in modeling_qwen2.apply_rotary_pos_emb.__module__
 
 
 # --- the workloads and the base -----------------------------------------------------------------------
@@ -556,10 +562,11 @@ def run(paths: tuple[TrainingPath, ...], workloads: tuple[str, ...], steps: int,
         base_model, base = write_random_base(scratch, qwen2_config(tiny, layers), tokenizer, recipe, device)
         print(f"{card}: random base written {base}", flush=True)
         runs: dict[str, dict[str, Any]] = {path.name: {} for path in paths}
-        for path in sorted(paths, key=lambda p: p.uses_liger(recipe, device)):  # Liger's patches last
+        for path in paths:
             for kind in workloads:
                 dataset = workload_dataset(kind, tokenizer, recipe, steps, scale)
-                runs[path.name][kind] = measure(path, dataset, base_model, recipe, device, steps, scratch, profile)
+                runs[path.name][kind] = measure_alone(path, dataset, base_model, recipe, device, steps, scratch,
+                                                      profile)
                 print(kind, path.name, {k: v for k, v in runs[path.name][kind].items() if k != "setup"}, flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
