@@ -21,9 +21,10 @@ evaluation before the first update (the loss check), lets one optimizer step pas
 Each run trains in a process of its own, so no run inherits another's allocator state, built
 kernels or patched modules. Workloads: (a) lengths drawn log-normally, median 1,200 tokens,
 sigma 0.5, clipped to [256, 4096], fixed seed; (b) every example 4,096 tokens. Reported: real
-tokens/s (the tokens of the model's training forwards; neither path pads), peak GiB, the ratios, and both paths' loss on the same 8
-held-out examples of one length before any update (LoRA B starts at zero, so both compute the
-base's function; one length makes per-row and per-example means the same estimator).
+tokens/s (the tokens of the model's training forwards; neither path pads), peak GiB, the ratios,
+and both paths' loss on the same 8 held-out examples of one length before any update (LoRA B
+starts at zero, so both compute the base's function; one length makes per-row and per-example
+means the same estimator).
 
 `--ablations` runs, on workload (a) unless `--workload` says, the production path with one piece
 taken out at a time (every piece, or those named: `--ablations lora-forward`), to give each
@@ -368,14 +369,9 @@ def measure_alone(path: TrainingPath, dataset: SFTDataset, base_model: str, reci
     in one process, each later path peaked 1.4-2.9 GiB higher (the caching allocator's state), and
     cuDNN's attention graphs built by one path served the next, whose speed then looked 4% better
     (thirteenth session). The run's torch thread count is the caller's."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_measure_with_threads, (torch.get_num_threads(), path, dataset, base_model, recipe, device,
-                                                  steps, workdir, profile))
-
-
-def _measure_with_threads(threads: int, *args: Any) -> dict[str, Any]:
-    torch.set_num_threads(threads)
-    return measure(*args)
+    with multiprocessing.get_context("spawn").Pool(1, initializer=torch.set_num_threads,
+                                                   initargs=(torch.get_num_threads(),)) as pool:
+        return pool.apply(measure, (path, dataset, base_model, recipe, device, steps, workdir, profile))
 
 
 def measure(path: TrainingPath, dataset: SFTDataset, base_model: str, recipe: TrainingRecipe, device: Device, steps: int,
