@@ -34,7 +34,8 @@ attention (packed rows on SDPA with transformers' block-diagonal mask), Liger's 
 training forward (`tracesft.train.lora_forward`; `fast_lora: false`, PEFT's own forward), its add kernel
 (`tracesft.train.lora_add_kernel`; a product then an add instead), the loop's freedom from device
 reads between micro-batches (`training.NO_DEVICE_READS_BETWEEN_MICRO_BATCHES`; the Trainer's loss
-filter and token count back on).
+filter and token count back on), the recomputed layers' dequantised weights kept for their backward
+(`tracesft.train.recompute_weights`; bitsandbytes' product, which dequantises again).
 
 `--budgets 40 70` runs, on workload (a), the production path with every layer recomputed
 (`memory_budget_gib: null`) and then at each `training.memory_budget_gib`: tokens/s, the measured
@@ -89,7 +90,7 @@ from tracesft.config import Device, TrainingRecipe  # noqa: E402
 from tracesft.data.sample_data import tokenizer_corpus  # noqa: E402
 from tracesft.data.sft_dataset import SFTDataset  # noqa: E402
 from tracesft.data.traces import TraceRecord  # noqa: E402
-from tracesft.train import lora_add_kernel, training  # noqa: E402
+from tracesft.train import layer_checkpointing, lora_add_kernel, training  # noqa: E402
 from tracesft.train.distributed import train  # noqa: E402
 from tracesft.train.modeling import (  # noqa: E402
     load_base_model,
@@ -192,6 +193,13 @@ def device_reads_between_micro_batches() -> Callable[[], None]:
     return lambda: setattr(training, "NO_DEVICE_READS_BETWEEN_MICRO_BATCHES", settings)
 
 
+def dequantised_again_in_backward() -> Callable[[], None]:
+    """bitsandbytes' 4-bit product in every layer: a recomputed layer's backward dequantises its weights again."""
+    keep = layer_checkpointing.keep_recomputed_weights
+    layer_checkpointing.keep_recomputed_weights = lambda layer: None
+    return lambda: setattr(layer_checkpointing, "keep_recomputed_weights", keep)
+
+
 def lora_in_fp32(model: Any) -> None:
     """LoRA weights back in fp32, under the Trainer's bf16 autocast (TRL casts them to bf16 on a 4-bit base)."""
     for parameter in model.parameters():
@@ -236,6 +244,8 @@ ABLATIONS = {  # by the piece taken out, as `--ablations` names it
     "lora-add-kernel": TrainingPath("project without the LoRA add kernel", switch=without_lora_add_kernel),
     "micro-batch-waits": TrainingPath("project, device reads between micro-batches",
                                       switch=device_reads_between_micro_batches),
+    "recompute-weights": TrainingPath("project, weights dequantised again in backward",
+                                      switch=dequantised_again_in_backward),
 }
 EVERY_LAYER_RECOMPUTED = TrainingPath("project, every layer recomputed", recipe={"memory_budget_gib": None})
 

@@ -21,6 +21,7 @@ from tracesft.data.sample_data import DATA, tokenizer_corpus
 from tracesft.data.sft_dataset import SFTDataset
 from tracesft.data.verify import verify
 from tracesft.train.memory_plan import GIB, HEADROOM, DecoderShape, lora_parameter_count, plan_memory
+from tracesft.train import recompute_weights
 from tracesft.train.tiny_model import build_tiny_model
 from tracesft.train.training import prepare_training, train_lora
 
@@ -72,15 +73,19 @@ def data() -> SFTDataset:
 
 
 class SeenInTraining(TrainerCallback):
-    """Each logged loss, and which layers were checkpointed as each step began."""
+    """Each logged loss, which layers were checkpointed as each step began, and which of their
+    projections keep a recompute's dequantised weight (`tracesft.train.recompute_weights`)."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.checkpointed: set[tuple[bool, ...]] = set()
+        self.keeping: set[tuple[frozenset[str], ...]] = set()
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self.checkpointed.add(tuple(m.gradient_checkpointing for m in model.modules()
-                                    if isinstance(m, GradientCheckpointingLayer)))
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        self.checkpointed.add(tuple(layer.gradient_checkpointing for layer in layers))
+        self.keeping.add(tuple(frozenset(name.split(".")[-2] for name, module in layer.named_modules()
+                                         if module in recompute_weights._KEEPING) for layer in layers))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if "loss" in logs:
@@ -109,6 +114,7 @@ def test_the_planned_last_layer_keeps_its_activations_and_trains_as_if_recompute
 
     seen, summary, weights = runs["one kept"]
     assert seen.checkpointed == {(True, False)} and summary.recomputed_layers == 1
+    assert seen.keeping == {(frozenset(SEVEN) - {"down_proj"}, frozenset())}
     assert summary.memory_plan.kept_layers == 1 and summary.memory_plan.budget_gib == budget
     baseline, baseline_summary, baseline_weights = runs["all recomputed"]
     assert baseline.checkpointed == {(True, True)} and baseline_summary.recomputed_layers == 2

@@ -89,12 +89,11 @@ def test_packed_training_uses_varlen_attention_and_liger_when_installed(tmp_path
           f"liger: {prepared.trainer.args.use_liger_kernel}, loss {result.training_loss:.3f}")
 
 
-def test_lora_training_forward_on_4bit_matches_peft_and_skips_down_proj_recompute(tmp_path):
-    """On the real 4-bit base under checkpointing (LoRA's add as the Triton kernel): PEFT's loss and
-    gradients to bf16 rounding, and each layer's recompute stops before down_proj's base product."""
+def _checkpointed_lora_model(tmp_path):
+    """The tiny model's real 4-bit base with the recipe's LoRA (B not zero) under non-reentrant
+    checkpointing, and a count of the calls of each layer's gate_proj and down_proj base."""
     from peft import LoraConfig, get_peft_model
 
-    from tracesft.train.lora_forward import use_training_forward
     from tracesft.train.modeling import load_base_model
 
     model_dir = build_tiny_model(tmp_path / "tiny", tokenizer_corpus())
@@ -113,25 +112,61 @@ def test_lora_training_forward_on_4bit_matches_peft_and_skips_down_proj_recomput
     for name, module in model.named_modules():
         if name.endswith(".base_layer") and name.split(".")[-2] in calls:
             module.register_forward_hook(lambda *_, k=name.split(".")[-2]: calls.__setitem__(k, calls[k] + 1))
-    ids = torch.randint(0, model.config.vocab_size, (2, 64), device="cuda")
+    return model, calls
 
-    def loss_and_gradients():
-        model.zero_grad()
-        torch.manual_seed(3)
-        for key in calls:
-            calls[key] = 0
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return [loss.detach(), *(p.grad.clone() for p in model.parameters() if p.requires_grad)], dict(calls)
 
-    peft, peft_calls = loss_and_gradients()
-    assert use_training_forward(model) == model.config.num_hidden_layers * len(recipe.target_modules)
-    ours, our_calls = loss_and_gradients()
-    # The kernel rounds the add once where PEFT rounds the product and then the sum: bf16 rounding apart.
-    assert abs(ours[0].item() - peft[0].item()) <= 1e-3 * abs(peft[0].item())
-    for got, want in zip(ours[1:], peft[1:], strict=True):
+def _loss_and_gradients(model, calls, ids):
+    model.zero_grad()
+    torch.manual_seed(3)
+    for key in calls:
+        calls[key] = 0
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return [loss.detach(), *(p.grad.clone() for p in model.parameters() if p.requires_grad)], dict(calls)
+
+
+def _agree_to_bf16_rounding(ours, theirs):
+    assert abs(ours[0].item() - theirs[0].item()) <= 1e-3 * abs(theirs[0].item())
+    for got, want in zip(ours[1:], theirs[1:], strict=True):
         assert (got.float() - want.float()).norm() <= 2e-2 * want.float().norm()
+
+
+def test_lora_training_forward_on_4bit_matches_peft_and_skips_down_proj_recompute(tmp_path):
+    """On the real 4-bit base under checkpointing (LoRA's add as the Triton kernel): PEFT's loss and
+    gradients to bf16 rounding, and each layer's recompute stops before down_proj's base product."""
+    from tracesft.train.lora_forward import use_training_forward
+
+    model, calls = _checkpointed_lora_model(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), device="cuda")
+    peft, peft_calls = _loss_and_gradients(model, calls, ids)
+    assert use_training_forward(model) == model.config.num_hidden_layers * len(TrainingRecipe().target_modules)
+    ours, our_calls = _loss_and_gradients(model, calls, ids)
+    # The kernel rounds the add once where PEFT rounds the product and then the sum: bf16 rounding apart.
+    _agree_to_bf16_rounding(ours, peft)
     layers = model.config.num_hidden_layers
     assert peft_calls == {"gate_proj": 2 * layers, "down_proj": 2 * layers}
     assert our_calls == {"gate_proj": 2 * layers, "down_proj": layers}
+
+
+def test_recomputed_layers_keep_the_recomputes_dequantised_weights_for_their_backward(tmp_path):
+    """Layers marked as recomputed (as `LayerCheckpointing` marks them) multiply their 4-bit bases but
+    down_proj's with the product that saves its dequantised weight: bitsandbytes' loss and gradients
+    to bf16 rounding, gate_proj's base module no longer called, down_proj's still skipped by the recompute."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from tracesft.train.lora_forward import use_training_forward
+    from tracesft.train.recompute_weights import keep_recomputed_weights
+
+    model, calls = _checkpointed_lora_model(tmp_path)
+    use_training_forward(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 2048), device="cuda")  # rows bitsandbytes dequantises for
+    theirs, their_calls = _loss_and_gradients(model, calls, ids)
+    for layer in model.modules():
+        if isinstance(layer, GradientCheckpointingLayer):
+            keep_recomputed_weights(layer)
+    ours, our_calls = _loss_and_gradients(model, calls, ids)
+    _agree_to_bf16_rounding(ours, theirs)
+    layers = model.config.num_hidden_layers
+    assert their_calls == {"gate_proj": 2 * layers, "down_proj": layers}
+    assert our_calls == {"gate_proj": 0, "down_proj": layers}

@@ -4,7 +4,9 @@ transformers turns checkpointing on for every layer inside `Trainer.train`, just
 `on_train_begin` callbacks (each `GradientCheckpointingLayer` carries its own
 `gradient_checkpointing` flag); its own `every_n_layers` only spaces checkpointed layers evenly,
 which cannot say "the last N". So a callback switches the flag off on the last `kept_layers`
-layers there, and counts the layers left recomputing, which the training summary reports.
+layers there, and counts the layers left recomputing, which the training summary reports. The
+layers left recomputing keep their 4-bit weights dequantised by the recompute for their backward
+(`tracesft.train.recompute_weights`).
 
 Where the plan is not applied, every layer is recomputed as before, with a logged reason: under
 `fsdp_qlora` (the estimate assumes the whole base on one GPU, and partial checkpointing inside
@@ -23,6 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from tracesft.config import TrainingRecipe
 from tracesft.train.memory_plan import DecoderShape, MemoryPlan, plan_memory
+from tracesft.train.recompute_weights import keep_recomputed_weights
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ def training_memory_plan(model: Any, recipe: TrainingRecipe, row_tokens: int, op
         activation_bytes=element,
         lora_parameter_bytes=element,
         optimizer_state_bytes=2 if "8bit" in optimizer else 2 * element,
+        kept_weight_bytes=element if recipe.fast_lora and getattr(model, "is_loaded_in_4bit", False) else 0,
     )
 
 
@@ -73,4 +77,7 @@ class LayerCheckpointing(TrainerCallback):
             logger.info("Keeping the activations of %d of %d layers (estimated peak %.1f GiB of the %g GiB budget, "
                         "training.memory_budget_gib).", plan.kept_layers, plan.layers, plan.estimated_peak_gib,
                         plan.budget_gib)
+        for layer in layers:
+            if layer.gradient_checkpointing:
+                keep_recomputed_weights(layer)
         self.recomputed_layers = sum(bool(layer.gradient_checkpointing) for layer in layers)

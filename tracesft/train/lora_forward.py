@@ -19,6 +19,8 @@ its dequantisation are never run a second time.
 
 On CUDA the second product and the add run as one kernel (`tracesft.train.lora_add_kernel`),
 which rounds the sum once: there the forward is PEFT's to bf16 rounding rather than to the bit.
+In a recompute, a 4-bit base keeps its dequantised weight for the backward that follows
+(`tracesft.train.recompute_weights`).
 
 Hand-written because neither PEFT (0.21) nor TRL offers it; `benchmarks/train_throughput.py
 --ablations` measures its share ("project, PEFT's LoRA forward"). Only the plain case is taken
@@ -37,6 +39,7 @@ import torch
 from torch.nn import functional as F
 
 from tracesft.train import lora_add_kernel
+from tracesft.train.recompute_weights import base_output
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +80,10 @@ def training_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> t
     lora_input = x if torch.is_autocast_enabled() else self._cast_input_dtype(x, lora_A.weight.dtype)
     a = lora_A(self.lora_dropout[adapter](lora_input))
     if lora_add_kernel.applies(a):
-        return lora_add_kernel.AddLowRank.apply(self.base_layer(x, *args), a, lora_B.weight, self.scaling[adapter])
+        return lora_add_kernel.AddLowRank.apply(base_output(self.base_layer, x, *args), a, lora_B.weight,
+                                                self.scaling[adapter])
     update = F.linear(a, lora_B.weight * self.scaling[adapter])  # before the base: the recompute stops here
-    result = self.base_layer(x, *args)
+    result = base_output(self.base_layer, x, *args)
     return (result + update).to(result.dtype)
 
 

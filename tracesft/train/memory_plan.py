@@ -46,6 +46,8 @@ from typing import Any
 
 from pydantic import BaseModel, computed_field
 
+from tracesft.train.recompute_weights import LAST_PROJECTION
+
 GIB = 2**30
 # TRL 1.16's chunked LM head (`trl.kernels.chunked_logprob`): tokens and vocabulary entries per tile.
 LM_HEAD_TOKEN_TILE = 4096
@@ -109,6 +111,13 @@ def lora_parameter_count(shape: DecoderShape, rank: int, targets: list[str]) -> 
     return shape.layers * sum(rank * sum(sizes[name]) for name in targets if name in sizes)
 
 
+def recompute_kept_weights(shape: DecoderShape, targets: list[str]) -> int:
+    """Weight elements a layer's recompute dequantises and keeps for the targeted projections
+    (`tracesft.train.recompute_weights`): all but the last, whose base product it never reaches."""
+    sizes = shape.projection_sizes()
+    return sum(n_in * n_out for name, (n_in, n_out) in sizes.items() if name in targets and name != LAST_PROJECTION)
+
+
 def kept_layer_bytes_per_token(shape: DecoderShape, rank: int, targets: list[str], dropout: float,
                                activation_bytes: int) -> int:
     """What one layer keeps for its backward when it is not checkpointed, per token, its input aside."""
@@ -136,11 +145,14 @@ def plan_memory(
     activation_bytes: int = 2,
     lora_parameter_bytes: int = 2,
     optimizer_state_bytes: int = 2,
+    kept_weight_bytes: int = 0,
 ) -> MemoryPlan:
     """The most layers (from the last) that can keep their activations with the estimated peak within the budget.
 
     `row_tokens` is the tokens of one forward: the packed row length, or batch x max_seq_length
     unpacked. `optimizer_state_bytes` is per trainable parameter (paged 8-bit AdamW: 2).
+    `kept_weight_bytes` is per element of a targeted projection's weight that a recompute keeps
+    dequantised for its backward (`tracesft.train.recompute_weights`; 0 where none is kept).
     Never fewer than 0 layers (the fixed terms alone may exceed the budget) nor more than all.
     """
     per_token_kept = kept_layer_bytes_per_token(shape, lora_rank, lora_targets, lora_dropout, activation_bytes)
@@ -151,7 +163,8 @@ def plan_memory(
         "base_weights": base_weight_bytes,
         "lora_parameters_gradients_optimizer": lora * (2 * lora_parameter_bytes + optimizer_state_bytes),
         "checkpointed_layer_inputs": shape.layers * row_tokens * shape.hidden * activation_bytes,
-        "recomputed_layer": row_tokens * (per_token_kept + backward_gradients),
+        "recomputed_layer": row_tokens * (per_token_kept + backward_gradients)
+        + recompute_kept_weights(shape, lora_targets) * kept_weight_bytes,
         "lm_head": row_tokens * shape.hidden * (activation_bytes + 4) + head_tile,
     }
     per_layer = row_tokens * per_token_kept
