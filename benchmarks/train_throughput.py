@@ -21,10 +21,11 @@ evaluation before the first update (the loss check), lets one optimizer step pas
 Each run trains in a process of its own, so no run inherits another's allocator state, built
 kernels or patched modules. Workloads: (a) lengths drawn log-normally, median 1,200 tokens,
 sigma 0.5, clipped to [256, 4096], fixed seed; (b) every example 4,096 tokens. Reported: real
-tokens/s (the tokens of the model's training forwards; neither path pads), peak GiB, the ratios,
-and both paths' loss on the same 8 held-out examples of one length before any update (LoRA B
-starts at zero, so both compute the base's function; one length makes per-row and per-example
-means the same estimator).
+tokens/s (the tokens of the model's training forwards; neither path pads), peak GiB (what tensors
+held; the JSON also has what the allocator held, `peak_reserved_gib`), the ratios, and both
+paths' loss on the same 8 held-out examples of one length before any update (LoRA B starts at
+zero, so both compute the base's function; one length makes per-row and per-example means the
+same estimator).
 
 `--ablations` runs, on workload (a) unless `--workload` says, the production path with one piece
 taken out at a time (every piece, or those named: `--ablations lora-forward`), to give each
@@ -352,9 +353,10 @@ class StepTimer(TrainerCallback):
                 print(self._profiler.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90), flush=True)
                 print(self._profiler.key_averages(group_by_input_shape=True).table(  # which products, by shape
                     sort_by=sort, row_limit=40, max_name_column_width=40, max_shapes_column_width=90), flush=True)
-            peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+            cuda = torch.cuda.is_available()  # peaks: what tensors held, and what the allocator held for them
             self.result.update(tokens_per_s=round(tokens / seconds, 1), tokens=tokens, seconds=round(seconds, 2),
-                               peak_gib=peak)
+                               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                               peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None)
             self._start = None
             control.should_training_stop = True
 
