@@ -8,7 +8,10 @@ dequantised weight for the backward the way a checkpointed layer saves anything:
 copy is dropped by the checkpoint, and the recompute's is handed to the backward. So the
 projections a Qwen2 layer's recompute runs dequantise twice instead of three times. NF4
 dequantisation is 5.1% of a log-normal training step on an H200 (BENCHMARKS.md, eleventh
-session); a third of it in the recomputed layers is what this can save.
+session); a third of it in the recomputed layers is what this can save. Measured on an H200
+(`benchmarks/train_throughput.py --ablations recompute-weights`): 1.5% more tokens/s on
+log-normal rows, none on uniform 4,096-token ones (their products dwarf the dequantisation), the
+peak unchanged.
 
 Only the projections of recomputed layers take this product (`keep_recomputed_weights`, called
 for each by `tracesft.train.layer_checkpointing`): in a layer that keeps its activations, a saved
